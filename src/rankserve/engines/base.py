@@ -1,0 +1,32 @@
+"""The engine interface: right-padded id arrays in, float32 logits out. Nothing about requests or text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    backend: str  # "torch", later "onnxruntime", "tensorrt"
+    device: str  # "cpu", "cuda:0", ...
+    precision: str  # "float32", "bfloat16", ...
+    max_length: int  # longest sequence (BOS included) the engine accepts
+    pad_token_id: int
+
+
+class Engine(Protocol):
+    info: EngineInfo
+
+    def score(self, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """`input_ids` int `[B, S]` right-padded, `lengths` int `[B]` → float32 logits `[B]`.
+
+        Called from one worker thread at a time (the scheduler's), never from the event loop.
+        """
+        ...
+
+    def warmup(self) -> None:
+        """Run representative shapes once so the first request pays no one-off costs."""
+        ...

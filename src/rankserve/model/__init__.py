@@ -1,0 +1,1 @@
+"""The model: checkpoint format, configuration and the PyTorch architecture."""
