@@ -1,0 +1,1 @@
+"""The HTTP layer: dialect schemas, validation, auth, limits."""

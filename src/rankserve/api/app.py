@@ -1,0 +1,240 @@
+"""The app factory: settings in, a FastAPI app out. Loading and warm-up run after start-up, behind readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+
+from rankserve import __version__
+from rankserve.api import errors
+from rankserve.api.routes import router
+from rankserve.errors import NotReady, ShuttingDown
+from rankserve.model.checkpoint import Checkpoint
+from rankserve.runtime import EngineFactory, Runtime, model_ids
+from rankserve.settings import Settings
+from rankserve.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+
+ASGIApp = Callable[
+    [dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[..., Awaitable[None]]], Awaitable[None]
+]
+
+
+@dataclass
+class AppState:
+    """Everything the routes need, built once per app (no module-level state)."""
+
+    settings: Settings
+    metrics: Metrics
+    model_ids: list[str]
+    checkpoint: Checkpoint | None = None
+    engine_factory: EngineFactory | None = None
+    on_fatal: Callable[[str], None] | None = None
+    runtime: Runtime | None = None
+    fatal: str | None = None
+    draining: bool = False
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime is not None and self.fatal is None and not self.draining
+
+    def require_runtime(self) -> Runtime:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        if self.fatal is not None:
+            raise NotReady(f"the engine is unavailable: {self.fatal}")
+        if self.runtime is None:
+            raise NotReady("the model is still loading; retry when /v1/health/ready answers 200")
+        return self.runtime
+
+    async def load(self) -> None:
+        try:
+            runtime = await asyncio.to_thread(
+                Runtime.load, self.settings, self.checkpoint, self.engine_factory, self.metrics.observe_batch
+            )
+        except Exception as e:
+            self.fatal = str(e) if hasattr(e, "message") else f"{type(e).__name__}: {e}"
+            log.error("could not load the model: %s", self.fatal, exc_info=not hasattr(e, "message"))
+            if self.on_fatal is not None:
+                self.on_fatal(self.fatal)
+            return
+        runtime.scheduler.start()
+        self.metrics.set_engine(runtime.engine.info, self.model_ids[0])
+        self.metrics.queue_tokens.set_function(lambda: runtime.scheduler.queued_tokens)
+        self.runtime = runtime
+        log.info("ready: serving %s", ", ".join(self.model_ids))
+
+
+def create_app(
+    settings: Settings,
+    *,
+    checkpoint: Checkpoint | None = None,
+    engine_factory: EngineFactory | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    state = AppState(
+        settings=settings,
+        metrics=Metrics(),
+        model_ids=model_ids(settings),
+        checkpoint=checkpoint,
+        engine_factory=engine_factory,
+        on_fatal=on_fatal,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(state.load(), name="load-model")
+        try:
+            yield
+        finally:
+            state.draining = True
+            await loader  # a thread cannot be interrupted; loading finishes, then we close
+            if state.runtime is not None:
+                await state.runtime.scheduler.close()
+
+    app = FastAPI(
+        title="rankserve",
+        version=__version__,
+        description="NIM-compatible reranking for llama-nemotron-rerank-1b-v2",
+        lifespan=lifespan,
+    )
+    app.state.rs = state
+    errors.install(app)
+    app.include_router(router)
+    # Outermost first: path fix-up, metrics, then the body limit right before routing.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(PathNormalizeMiddleware)
+    return app
+
+
+class PathNormalizeMiddleware:
+    """`/v1//ranking` → `/v1/ranking` (LlamaIndex joins a base URL ending in `/` with `/ranking`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and "//" in scope["path"]:
+            path = scope["path"]
+            while "//" in path:
+                path = path.replace("//", "/")
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        await self.app(scope, receive, send)
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
+            reason = REJECTION_REASONS.get(status)
+            if reason:
+                self.metrics.rejections.labels(reason).inc()
+
+
+REJECTION_REASONS = {
+    400: "validation",
+    401: "auth",
+    413: "body_too_large",
+    415: "validation",
+    422: "validation",
+    429: "overload",
+    503: "unavailable",
+    504: "deadline",
+}
+
+
+class BodyLimitMiddleware:
+    """Checks a request body before any parsing: JSON only (415 otherwise; a missing Content-Type is taken as
+    JSON), at most `max_bytes` (413). After the buffered body, `receive` passes through, so routes can still
+    wait for `http.disconnect`.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if not content_type:
+            scope = {**scope, "headers": [*scope.get("headers", []), (b"content-type", b"application/json")]}
+        elif content_type != b"application/json" and not content_type.endswith(b"+json"):
+            message = f"Content-Type must be application/json, got {content_type.decode('latin-1')!r}"
+            await self._reject(send, 415, message, "unsupported_media_type")
+            return
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject_size(send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._reject_size(send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject_size(self, send: Any) -> None:
+        message = f"request body exceeds the limit of {self.max_bytes} bytes"
+        await self._reject(send, 413, message, "body_too_large")
+
+    @staticmethod
+    async def _reject(send: Any, status: int, message: str, kind: str) -> None:
+        body = json.dumps(errors.error_body(status, message, kind)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,87 @@
+"""Every failure becomes a JSON body `{"error", "detail", "status", "type"}`; status codes are chosen here only."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rankserve import errors as e
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[e.RankserveError], int] = {
+    e.InputTooLong: 422,  # NIM >= 1.9.1
+    e.InvalidRequest: 422,
+    e.UnknownModel: 404,
+    e.Unauthorized: 401,
+    e.Overloaded: 429,
+    e.ShuttingDown: 503,
+    e.NotReady: 503,
+    e.DeadlineExceeded: 504,
+    e.EngineFailure: 500,
+}
+
+
+def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
+    # LangChain's NIM client reads `status`, `error`/`title` and `detail`; other clients read `error`.
+    return {"error": message, "detail": message, "status": status, "type": kind}
+
+
+def error_response(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, kind), status_code=status, headers=headers)
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+def rankserve_error(exc: e.RankserveError) -> JSONResponse:
+    status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, e.Overloaded) else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return error_response(status, exc.message, _snake(type(exc).__name__), headers)
+
+
+def describe_validation(errors: list[Any]) -> tuple[int, str]:
+    """(status, message) for pydantic errors: 400 for a body that is not JSON, 422 naming fields otherwise."""
+    parts = []
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx", {}).get("error", "")
+            return 400, f"the request body is not valid JSON ({ctx})" if ctx else "the request body is not valid JSON"
+        field = ".".join(loc) or "body"
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"{field}: unknown field")
+        elif err.get("type") == "missing":
+            parts.append(f"{field}: field required")
+        else:
+            parts.append(f"{field}: {err.get('msg', 'invalid')}")
+    return 422, "; ".join(parts) or "invalid request"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(e.RankserveError)
+    async def _rankserve(_: Request, exc: e.RankserveError) -> JSONResponse:
+        return rankserve_error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = describe_validation(list(exc.errors()))
+        return error_response(status, message, "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return error_response(exc.status_code, message, "http_error", getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error", "internal_error")

@@ -1,0 +1,193 @@
+"""HTTP routes: NIM ranking (and its hosted-style alias), discovery, health, metadata and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from rankserve import __version__
+from rankserve.api.schemas import (
+    HostedRankingRequest,
+    RankingEntry,
+    RankingRequest,
+    RankingResponse,
+    Usage,
+)
+from rankserve.errors import InvalidRequest, Unauthorized, UnknownModel
+from rankserve.ranker import RankRequest, RankResult, Truncate
+
+router = APIRouter()
+
+
+def _state(request: Request) -> Any:
+    return request.app.state.rs
+
+
+def _check_key(request: Request) -> None:
+    key = _state(request).settings.api_key
+    if not key:
+        return  # auth off: whatever Authorization header a client sends is ignored
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise Unauthorized("a valid API key is required: send `Authorization: Bearer <key>`")
+
+
+def auth(group: str | None) -> Any:
+    """Inference routes (group None) always need the key when one is set; others unless listed as public."""
+
+    def dependency(request: Request) -> None:
+        if group is None or group not in _state(request).settings.auth_public_routes:
+            _check_key(request)
+
+    return Depends(dependency)
+
+
+# -- ranking -------------------------------------------------------------------------------------------------
+
+
+@router.post("/v1/ranking", response_model=RankingResponse, response_model_exclude_none=True, dependencies=[auth(None)])
+async def ranking(body: RankingRequest, request: Request) -> Any:
+    return await _rank(request, body, top_n=None)
+
+
+@router.post(
+    "/v1/retrieval/nvidia/{slug}/reranking",
+    response_model=RankingResponse,
+    response_model_exclude_none=True,
+    dependencies=[auth(None)],
+)
+async def hosted_ranking(slug: str, body: HostedRankingRequest, request: Request) -> Any:
+    _resolve_model(request, f"nvidia/{slug}")
+    return await _rank(request, body, top_n=body.top_k)
+
+
+def _resolve_model(request: Request, name: str | None) -> str:
+    ids: list[str] = _state(request).model_ids
+    if name is None or name in ids:
+        return ids[0]
+    raise UnknownModel(f"model {name!r} is not served here; this server serves {', '.join(repr(i) for i in ids)}")
+
+
+async def _rank(request: Request, body: RankingRequest, top_n: int | None) -> Any:
+    state = _state(request)
+    runtime = state.require_runtime()
+    _resolve_model(request, body.model)
+    limit = state.settings.max_passages
+    if len(body.passages) > limit:
+        raise InvalidRequest(f"passages: at most {limit} passages per request, got {len(body.passages)}")
+    rank_request = RankRequest(
+        query=body.query.text,
+        passages=[p.text for p in body.passages],
+        truncate=Truncate(body.truncate),
+        top_n=top_n,
+        timeout=state.settings.request_timeout_seconds,
+    )
+    state.metrics.in_flight.inc()
+    try:
+        result = await _unless_disconnected(request, runtime.ranker.rank(rank_request))
+    finally:
+        state.metrics.in_flight.dec()
+    if result is None:
+        return Response(status_code=499)  # client closed the connection; nobody reads this
+    state.metrics.passages.inc(len(body.passages))
+    state.metrics.tokens.inc(result.prompt_tokens)
+    return RankingResponse(
+        rankings=[
+            RankingEntry(index=r.index, logit=r.logit, score=r.probability if body.sigmoid else None)
+            for r in result.rankings
+        ],
+        usage=Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+    )
+
+
+async def _unless_disconnected(request: Request, work: Any) -> RankResult | None:
+    """Run `work`; if the client disconnects first, cancel it (its queued sequences are dropped)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        return None
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- discovery, health, metadata, metrics -----------------------------------------------------------------------
+
+
+@router.get("/v1/models", dependencies=[auth("models")])
+async def models(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    created = int(state.started_at)
+    primary = state.model_ids[0]
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "nvidia", "root": primary}
+        for name in state.model_ids
+    ]
+    data[0]["root"] = primary  # the primary entry's root is its own id (LangChain picks by it)
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/health/live", dependencies=[auth("health")])
+async def live() -> dict[str, str]:
+    return {"object": "health.response", "message": "Service is live.", "status": "live"}
+
+
+@router.get("/v1/health/ready", dependencies=[auth("health")])
+async def ready(request: Request) -> JSONResponse:
+    state = _state(request)
+    if state.ready:
+        body = {"object": "health.response", "message": "Service is ready.", "status": "ready"}
+        return JSONResponse(body)
+    if state.draining:
+        message = "Service is shutting down."
+    elif state.fatal is not None:
+        message = f"Service is not ready: {state.fatal}"
+    else:
+        message = "Service is not ready: the model is loading."
+    return JSONResponse({"object": "health.response", "message": message, "status": "not_ready"}, status_code=503)
+
+
+@router.get("/v1/metadata", dependencies=[auth("metadata")])
+async def metadata(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    settings = state.settings
+    runtime = state.runtime
+    engine = runtime.engine.info if runtime is not None else None
+    ckpt = runtime.checkpoint if runtime is not None else state.checkpoint
+    return {
+        "id": state.model_ids[0],
+        "aliases": state.model_ids[1:],
+        "version": __version__,
+        "modelInfo": [{"shortName": state.model_ids[0], "modelUrl": f"https://huggingface.co/{state.model_ids[0]}"}],
+        "checkpoint": str(ckpt.path) if ckpt is not None else settings.model,
+        "random_weights": ckpt.config.random_weights if ckpt is not None else None,
+        "backend": engine.backend if engine else None,
+        "device": engine.device if engine else None,
+        "precision": engine.precision if engine else None,
+        "max_seq_length": runtime.encoder.max_length if runtime is not None else settings.max_seq_length,
+        "max_passages": settings.max_passages,
+        "max_batch_size": settings.max_batch_size,
+        "max_batch_tokens": settings.max_batch_tokens,
+        "ready": state.ready,
+    }
+
+
+@router.get("/v1/metrics", dependencies=[auth("metrics")])
+@router.get("/metrics", dependencies=[auth("metrics")], include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    m = _state(request).metrics
+    return Response(m.render(), media_type=m.content_type)

@@ -1,0 +1,153 @@
+"""`rankserve serve` (the HTTP server) and `rankserve score` (rank passages from the command line)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import threading
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from rankserve.errors import RankserveError
+from rankserve.ranker import RankRequest, Truncate
+from rankserve.settings import Settings
+
+log = logging.getLogger("rankserve")
+
+
+def _settings_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One `--flag` per settings field; unset flags leave the environment (or the default) in force."""
+    for name, field in Settings.model_fields.items():
+        if name in skip:
+            continue
+        env = [a for a in getattr(field.validation_alias, "choices", []) if a.isupper()]
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description or ''} [env: {', '.join(env)}; default: {default!r}]"
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE", help=help_text)
+
+
+def _build_settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise SystemExit(f"rankserve: invalid settings: {problems}") from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from rankserve.api.app import create_app
+    from rankserve.model.checkpoint import open_checkpoint
+
+    settings = _build_settings(args)
+    _setup_logging(settings.log_level)
+    try:
+        # Fail fast (before binding the port) on a missing, unreachable or wrong checkpoint.
+        checkpoint = open_checkpoint(settings.model)
+    except RankserveError as e:
+        print(f"rankserve: {e.message}", file=sys.stderr)
+        return 2
+
+    server: DrainingServer | None = None
+
+    def on_fatal(message: str) -> None:
+        if server is not None:
+            server.fatal = True
+            server.should_exit = True
+
+    app = create_app(settings, checkpoint=checkpoint, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=None
+    )
+    server = DrainingServer(config, app.state.rs, settings.shutdown_drain_seconds)
+    server.run()
+    return 1 if server.fatal else 0
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT: readiness 503 and new work refused at once; the listener closes after
+    `drain_seconds` (so a load balancer notices first) and in-flight requests finish. A second signal exits now."""
+
+    def __init__(self, config: uvicorn.Config, state: Any, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain_seconds = drain_seconds
+        self.fatal = False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        first = not self.state.draining
+        self.state.draining = True
+        if not first or self.drain_seconds <= 0:
+            super().handle_exit(sig, frame)
+            return
+        log.info("draining for %.1fs before shutdown", self.drain_seconds)
+        timer = threading.Timer(self.drain_seconds, super().handle_exit, args=(sig, None))
+        timer.daemon = True
+        timer.start()
+
+
+def score(args: argparse.Namespace) -> int:
+    from rankserve.runtime import Runtime
+
+    settings = _build_settings(args)
+    _setup_logging("warning" if args.log_level is None else settings.log_level)
+    try:
+        runtime = Runtime.load(settings.model_copy(update={"warmup": False}))
+    except RankserveError as e:
+        print(f"rankserve: {e.message}", file=sys.stderr)
+        return 2
+    request = RankRequest(query=args.query, passages=args.passage, truncate=Truncate(args.truncate))
+
+    async def run() -> Any:
+        runtime.scheduler.start()
+        try:
+            return await runtime.ranker.rank(request)
+        finally:
+            await runtime.scheduler.close()
+
+    try:
+        result = asyncio.run(run())
+    except RankserveError as e:
+        print(f"rankserve: {e.message}", file=sys.stderr)
+        return 2
+    if args.json:
+        rankings = [{"index": r.index, "logit": r.logit} for r in result.rankings]
+        print(json.dumps({"rankings": rankings, "usage": {"prompt_tokens": result.prompt_tokens}}))
+        return 0
+    if runtime.checkpoint.config.random_weights:
+        print("note: this checkpoint holds random test weights; the scores are meaningless", file=sys.stderr)
+    print(f"{'rank':>4}  {'index':>5}  {'logit':>10}  passage")
+    for rank, r in enumerate(result.rankings, 1):
+        text = args.passage[r.index].replace("\n", " ")
+        print(f"{rank:>4}  {r.index:>5}  {r.logit:>10.4f}  {text[:70] + ('…' if len(text) > 70 else '')}")
+    print(f"({result.prompt_tokens} tokens)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rankserve", description="NIM-compatible reranking service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_serve = sub.add_parser("serve", help="serve the HTTP API (NIM /v1/ranking)")
+    _settings_flags(p_serve)
+    p_serve.set_defaults(func=serve)
+
+    p_score = sub.add_parser("score", help="rank passages for a query and print the ranking")
+    p_score.add_argument("--query", required=True)
+    p_score.add_argument("--passage", action="append", required=True, help="repeat for each passage")
+    p_score.add_argument("--truncate", choices=[t.value for t in Truncate], default="NONE")
+    p_score.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    _settings_flags(p_score, skip=("host", "port", "api_key", "auth_public_routes", "shutdown_drain_seconds"))
+    p_score.set_defaults(func=score)
+
+    args = parser.parse_args(argv)
+    sys.exit(args.func(args))

@@ -1,0 +1,85 @@
+"""Builds the layers from settings: checkpoint → engine → scheduler → ranker. Shared by the server and the CLI."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rankserve.engines import Engine, create_engine
+from rankserve.model.checkpoint import MODEL_ALIASES, MODEL_ID, Checkpoint, open_checkpoint
+from rankserve.ranker import PairEncoder, Ranker
+from rankserve.scheduler import BatchPolicy, BatchStats, Scheduler
+from rankserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Checkpoint, Settings], Engine]
+
+
+def default_engine_factory(ckpt: Checkpoint, settings: Settings) -> Engine:
+    if settings.cpu_threads:
+        import torch
+
+        torch.set_num_threads(settings.cpu_threads)
+    return create_engine(
+        ckpt, backend=settings.backend, device=settings.device, dtype=settings.dtype, max_length=settings.max_seq_length
+    )
+
+
+def model_ids(settings: Settings) -> list[str]:
+    """Every id a request may name; the first is the one we list first and answer with."""
+    ids = [*settings.served_model_name, MODEL_ID, *MODEL_ALIASES]
+    return list(dict.fromkeys(ids))
+
+
+def batch_policy(settings: Settings) -> BatchPolicy:
+    return BatchPolicy(
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_queue_tokens=settings.max_queue_tokens,
+        lookahead=settings.batch_lookahead,
+        min_fill=settings.min_batch_fill,
+    )
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    checkpoint: Checkpoint
+    engine: Engine
+    encoder: PairEncoder
+    scheduler: Scheduler
+    ranker: Ranker
+
+    @classmethod
+    def load(
+        cls,
+        settings: Settings,
+        checkpoint: Checkpoint | None = None,
+        engine_factory: EngineFactory | None = None,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> Runtime:
+        """The slow part of start-up (load weights, warm up). Blocking: run it off the event loop."""
+        ckpt = checkpoint or open_checkpoint(settings.model)
+        if ckpt.config.random_weights:
+            log.warning("%s holds RANDOM test weights: its scores are meaningless (not a model)", ckpt.path)
+        started = time.perf_counter()
+        engine = (engine_factory or default_engine_factory)(ckpt, settings)
+        log.info(
+            "loaded %s on %s (%s, %s) in %.1fs",
+            ckpt.path,
+            engine.info.device,
+            engine.info.backend,
+            engine.info.precision,
+            time.perf_counter() - started,
+        )
+        if settings.warmup:
+            started = time.perf_counter()
+            engine.warmup()
+            log.info("warm-up done in %.1fs", time.perf_counter() - started)
+        max_length = min(settings.max_seq_length, engine.info.max_length)
+        encoder = PairEncoder.from_file(ckpt.tokenizer_file, ckpt.config.bos_token_id, max_length)
+        scheduler = Scheduler(engine, batch_policy(settings), on_batch=on_batch)
+        return cls(settings, ckpt, engine, encoder, scheduler, Ranker(encoder, scheduler))

@@ -1,0 +1,80 @@
+"""One typed settings object, built once at start-up from the environment and the command line.
+
+Environment variables use the NIM's names where the NIM has one, `RANKSERVE_` otherwise. Command-line flags
+override the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from rankserve.model.checkpoint import MODEL_ID
+
+
+def _env(name: str, *nim: str) -> AliasChoices:
+    """Accept the field's own name (for keyword construction), the NIM's names, then RANKSERVE_<NAME>."""
+    return AliasChoices(name, *nim, f"RANKSERVE_{name.upper()}")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, populate_by_name=True, extra="forbid")
+
+    # What to serve
+    model: str = Field(MODEL_ID, validation_alias=_env("model"), description="checkpoint directory or HF id")
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=_env("served_model_name", "NIM_SERVED_MODEL_NAME"),
+        description="extra model ids requests may name (comma-separated); the first is listed first",
+    )
+    backend: Literal["auto", "torch"] = Field("auto", validation_alias=_env("backend"))
+    device: str = Field("auto", validation_alias=_env("device"), description="auto, cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", validation_alias=_env("dtype"))
+    cpu_threads: int | None = Field(None, ge=1, validation_alias=_env("cpu_threads"))
+
+    # HTTP
+    host: str = Field("0.0.0.0", validation_alias=_env("host"))
+    port: int = Field(8000, ge=1, le=65535, validation_alias=_env("port", "NIM_HTTP_API_PORT"))
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", validation_alias=_env("log_level", "NIM_LOG_LEVEL")
+    )
+    api_key: str | None = Field(None, validation_alias=_env("api_key"), repr=False)
+    auth_public_routes: Annotated[list[Literal["health", "models", "metrics", "metadata"]], NoDecode] = Field(
+        default_factory=lambda: ["health", "models", "metrics", "metadata"],
+        validation_alias=_env("auth_public_routes"),
+        description="route groups reachable without the API key when one is set",
+    )
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, validation_alias=_env("max_body_bytes"))
+    shutdown_drain_seconds: float = Field(
+        0.0,
+        ge=0,
+        validation_alias=_env("shutdown_drain_seconds"),
+        description="after SIGTERM, answer 503 on readiness this long before closing the listener",
+    )
+
+    # Limits of one request
+    max_seq_length: int = Field(8192, ge=16, validation_alias=_env("max_seq_length", "NIM_TRITON_MAX_SEQ_LENGTH"))
+    max_passages: int = Field(512, ge=1, validation_alias=_env("max_passages"))
+    request_timeout_seconds: float = Field(60.0, gt=0, validation_alias=_env("request_timeout_seconds"))
+
+    # Batching (see docs/configuration.md for how the defaults were chosen)
+    max_batch_size: int = Field(64, ge=1, validation_alias=_env("max_batch_size", "NIM_TRITON_MAX_BATCH_SIZE"))
+    max_batch_tokens: int = Field(16384, ge=16, validation_alias=_env("max_batch_tokens"))
+    max_queue_tokens: int = Field(2_000_000, ge=1, validation_alias=_env("max_queue_tokens"))
+    batch_lookahead: int = Field(1024, ge=1, validation_alias=_env("batch_lookahead"))
+    min_batch_fill: float = Field(0.8, gt=0, le=1, validation_alias=_env("min_batch_fill"))
+    warmup: bool = Field(True, validation_alias=_env("warmup"))
+
+    @field_validator("served_model_name", "auth_public_routes", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
