@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -31,10 +33,34 @@ def _settings_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE", help=help_text)
 
 
-def _build_settings(args: argparse.Namespace) -> Settings:
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+def _preset(path: str | None) -> dict[str, Any]:
+    """Settings from a YAML preset (configs/*.yaml). They rank below the environment and the flags."""
+    if path is None:
+        return {}
+    import yaml
+
     try:
-        return Settings(**overrides)
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"rankserve: cannot read the preset {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"rankserve: the preset {path} must be a mapping of setting: value")
+    unknown = sorted(set(data) - set(Settings.model_fields))
+    if unknown:
+        raise SystemExit(f"rankserve: the preset {path} has unknown settings: {', '.join(unknown)}")
+    env = {k.upper() for k in os.environ}
+    preset = {}
+    for name, value in data.items():
+        aliases = getattr(Settings.model_fields[name].validation_alias, "choices", [])
+        if not any(a.upper() in env for a in aliases if a.isupper()):
+            preset[name] = value
+    return preset
+
+
+def _build_settings(args: argparse.Namespace) -> Settings:
+    flags = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    try:
+        return Settings(**{**_preset(getattr(args, "config", None)), **flags})
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise SystemExit(f"rankserve: invalid settings: {problems}") from None
@@ -138,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_serve = sub.add_parser("serve", help="serve the HTTP API (NIM /v1/ranking)")
+    p_serve.add_argument("--config", help="YAML preset of settings (configs/*.yaml); env and flags override it")
     _settings_flags(p_serve)
     p_serve.set_defaults(func=serve)
 
