@@ -112,13 +112,21 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         first = not self.state.draining
         self.state.draining = True
+        if not first:  # a second signal: stop waiting for in-flight requests
+            self.force_exit = True
         if not first or self.drain_seconds <= 0:
-            super().handle_exit(sig, frame)
+            self._stop(sig, frame)
             return
         log.info("draining for %.1fs before shutdown", self.drain_seconds)
-        timer = threading.Timer(self.drain_seconds, super().handle_exit, args=(sig, None))
+        timer = threading.Timer(self.drain_seconds, self._stop, args=(sig, None))
         timer.daemon = True
         timer.start()
+
+    def _stop(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises a handled signal once it has shut down (exit status 128+N); a graceful shutdown
+        # is a clean exit: status 0.
+        self._captured_signals.clear()
 
 
 def score(args: argparse.Namespace) -> int:
@@ -178,3 +186,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     sys.exit(args.func(args))
+
+
+if __name__ == "__main__":  # `python -m rankserve.cli`
+    main()

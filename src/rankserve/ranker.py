@@ -10,7 +10,7 @@ import asyncio
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -122,12 +122,16 @@ class Ranker:
         return await asyncio.to_thread(self.encoder.encode, request.query, request.passages, request.truncate)
 
     async def rank(self, request: RankRequest) -> RankResult:
-        sequences = await self.tokenize(request)
-        logits = await self.scorer.submit(sequences, timeout=request.timeout)
-        return RankResult(
-            rankings=sort_rankings(logits, request.top_n),
-            prompt_tokens=int(sum(len(s) for s in sequences)),
-        )
+        # A passage repeated within a request is scored once: identical passages get identical logits (so
+        # their order is the index order) and the engine does no duplicate work. `usage` still counts each.
+        unique = list(dict.fromkeys(request.passages))
+        position = {text: i for i, text in enumerate(unique)}
+        sequences = await self.tokenize(replace(request, passages=unique))
+        unique_logits = await self.scorer.submit(sequences, timeout=request.timeout)
+        order = [position[p] for p in request.passages]
+        logits = unique_logits[order]
+        prompt_tokens = sum(len(sequences[i]) for i in order)
+        return RankResult(rankings=sort_rankings(logits, request.top_n), prompt_tokens=int(prompt_tokens))
 
 
 def _sigmoid(x: float) -> float:

@@ -84,7 +84,7 @@ def _download(repo_id: str, *, offline: bool | None) -> Path:
     except Exception as e:  # offline, DNS, proxy, disk: huggingface_hub raises many types here
         reason = f"{type(e).__name__}: {e}".strip()
     raise CheckpointError(
-        f"Could not fetch the model {repo_id!r} from the Hugging Face Hub: {reason}. "
+        f"Could not fetch the model {repo_id!r} from the Hugging Face Hub: {reason.rstrip('. ')}. "
         "This machine may be offline, or the Hub unreachable. Either download it elsewhere "
         f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass that directory, or run where "
         "huggingface.co is reachable (set HF_TOKEN for gated models, HF_HOME to choose the cache). "
