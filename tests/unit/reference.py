@@ -132,7 +132,9 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_token_id: int = 128001) ->
 
 
 @torch.no_grad()
-def model_logits(model: torch.nn.Module, sequences: Sequence[Sequence[int]], pad_token_id: int = 128001) -> torch.Tensor:
+def model_logits(
+    model: torch.nn.Module, sequences: Sequence[Sequence[int]], pad_token_id: int = 128001
+) -> torch.Tensor:
     """rankserve's model on a right-padded batch of the sequences."""
     ids, lengths = right_pad(sequences, pad_token_id)
     return model(ids, lengths).float()

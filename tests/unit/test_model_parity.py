@@ -4,17 +4,20 @@ All on the tiny checkpoint (seeded random weights in the real format) on CPU. Th
 positions padding too (like the model card's code); rankserve right-pads: agreement checks the layers, the
 masking and the RoPE positions together.
 
-Measured on CPU (torch 2.13, transformers 5.24; printed by each test, run `pytest -s` to see them):
-  fp32 vs reference, mixed-length batch ........... max |Δlogit| 6e-8, max |Δhidden| ~1e-6
-  fp32 vs reference, multilingual ................. max |Δlogit| ~1e-7
-  fp32 vs reference, 4096 tokens .................. max |Δlogit| 0 to 1e-7
-  padded batch vs one at a time ................... max |Δlogit| ~1e-7
-  bf16 vs fp32 (rankserve, CPU) ................... max |Δlogit| ~2e-3 (logits of magnitude ~0.5)
-See the tests' printed lines for the numbers of the current run.
+Measured on CPU (torch 2.13, transformers 5.24, 2 cores; each test prints its numbers, `pytest -s` shows them):
+  fp32 vs reference, mixed-length batch (6 pairs, 14..109 tokens) ... max |Δlogit| 6.0e-8, max |Δhidden| 1.8e-6
+  fp32 vs reference, multilingual (8 pairs) ......................... max |Δlogit| 8.9e-8
+  fp32 vs reference, one 4096-token sequence ........................ max |Δlogit| 3.0e-8
+  padded batch vs one at a time (14 pairs) .......................... max |Δlogit| 1.2e-7 (4096 + short: 1.0e-7)
+  TorchEngine.score vs reference .................................... max |Δlogit| 6.0e-8
+  pooling "cls" / "last" vs reference ............................... max |Δlogit| 3.6e-7
+  bf16 vs fp32 (rankserve on CPU; tiny logits are |x| <= 0.65) ....... max |Δlogit| 2.2e-3
+  sharded (3 files) vs single file .................................. bit-identical
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -122,6 +125,7 @@ def test_multilingual_matches_reference(tiny_model_fp32, tiny_reference, tiny_en
     assert hidden_diff(tiny_model_fp32, tiny_reference, seqs) <= PARITY_TOL
 
 
+@pytest.mark.slow  # ~5 s alone (the eager reference at 4096 tokens); more on a busy machine
 def test_long_sequence_matches_reference(tiny_model_fp32, tiny_reference, tiny_checkpoint, tiny_encoder) -> None:
     # 4096 tokens: beyond the short-sequence regime, where positions reach the llama3-scaled RoPE frequencies.
     encoder = PairEncoder.from_file(tiny_checkpoint.tokenizer_file, 128000, 4096)
@@ -194,7 +198,7 @@ def test_bf16_agrees_with_fp32(tiny_checkpoint, tiny_model_fp32, tiny_encoder) -
     assert d > 0  # it really ran in bf16
     # The ranking is what users see: bf16 keeps the fp32 order where the fp32 logits are well apart.
     order32 = torch.argsort(fp32, descending=True).tolist()
-    gaps = [float(fp32[a] - fp32[b]) for a, b in zip(order32, order32[1:], strict=False)]
+    gaps = [float(fp32[a] - fp32[b]) for a, b in itertools.pairwise(order32)]
     order16 = torch.argsort(bf16, descending=True).tolist()
     for k, gap in enumerate(gaps):
         if gap > 2 * BF16_TOL:
@@ -202,25 +206,25 @@ def test_bf16_agrees_with_fp32(tiny_checkpoint, tiny_model_fp32, tiny_encoder) -
 
 
 @pytest.fixture(scope="module")
-def pooled_checkpoints(tiny_checkpoint_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Copies of the tiny checkpoint whose config.json says pooling "cls" / "last"."""
+def edited_checkpoints(tiny_checkpoint_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Copies of the tiny checkpoint whose config.json says pooling "cls" / "last", or temperature 2."""
     out = {}
-    for pooling in ("cls", "last"):
-        d = tmp_path_factory.mktemp(f"pool-{pooling}") / "ckpt"
+    for name, edit in (("cls", {"pooling": "cls"}), ("last", {"pooling": "last"}), ("t2", {"temperature": 2.0})):
+        d = tmp_path_factory.mktemp(f"edited-{name}") / "ckpt"
         shutil.copytree(tiny_checkpoint_dir, d)
         cfg = json.loads((d / "config.json").read_text())
-        cfg["pooling"] = pooling
+        cfg |= edit
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
-        out[pooling] = d
+        out[name] = d
     return out
 
 
 @pytest.mark.parametrize("pooling", ["cls", "last"])
-def test_other_poolings_match_reference(pooling: str, pooled_checkpoints, tiny_encoder, tiny_model_fp32) -> None:
-    ckpt = open_checkpoint(str(pooled_checkpoints[pooling]))
+def test_other_poolings_match_reference(pooling: str, edited_checkpoints, tiny_encoder, tiny_model_fp32) -> None:
+    ckpt = open_checkpoint(str(edited_checkpoints[pooling]))
     assert ckpt.config.pooling == pooling
     model = load_model(ckpt, dtype=torch.float32)
-    reference = Reference(pooled_checkpoints[pooling])
+    reference = Reference(edited_checkpoints[pooling])
     assert reference.pooling == pooling
     seqs = encode(tiny_encoder, QUERY, PASSAGES)
     ours = model_logits(model, seqs)
@@ -229,3 +233,12 @@ def test_other_poolings_match_reference(pooling: str, pooled_checkpoints, tiny_e
     assert d <= PARITY_TOL
     # The config field really changed the pooling.
     assert max_abs_diff(ours, model_logits(tiny_model_fp32, seqs)) > 100 * PARITY_TOL
+
+
+def test_temperature_divides_the_logit(edited_checkpoints, tiny_encoder, tiny_model_fp32) -> None:
+    ckpt = open_checkpoint(str(edited_checkpoints["t2"]))
+    assert ckpt.config.temperature == 2.0
+    seqs = encode(tiny_encoder, QUERY, PASSAGES)
+    ours = model_logits(load_model(ckpt, dtype=torch.float32), seqs)
+    assert max_abs_diff(ours, Reference(edited_checkpoints["t2"]).logits(seqs)) <= PARITY_TOL
+    torch.testing.assert_close(ours * 2, model_logits(tiny_model_fp32, seqs), rtol=1e-6, atol=1e-7)

@@ -30,8 +30,7 @@ QUERY = "how much protein should a female eat?"
 PASSAGES = [
     "Calorie intake should not fall below 1,200 a day in women or 1,500 a day in men, except under the "
     "supervision of a health professional.",
-    "Definition of summit for English Language Learners. : 1  the highest point of a mountain : the top of a "
-    "mountain.",
+    "Definition of summit for English Language Learners. : 1  the highest point of a mountain : the top of a mountain.",
     "Protein is found in eggs, fish, lentils and tofu.",
     "No.",
 ]

@@ -64,16 +64,22 @@ def resolve(model: str, *, offline: bool | None = None) -> Path:
 
 def _download(repo_id: str, *, offline: bool | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
+    local_only = bool(offline) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     log.info("fetching %s from the Hugging Face Hub (or its local cache)", repo_id)
     try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                allow_patterns=DOWNLOAD_PATTERNS,
-                local_files_only=bool(offline) or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True"),
-            )
+        return Path(snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS, local_files_only=local_only))
+    except LocalEntryNotFoundError:
+        reason = (
+            "it is not in the local Hugging Face cache and downloads are off (unset HF_HUB_OFFLINE to download)"
+            if local_only
+            else "the Hub could not be reached and the model is not in the local cache"
         )
     except GatedRepoError:
         reason = "it is gated: accept its licence on huggingface.co and set HF_TOKEN"
@@ -86,7 +92,7 @@ def _download(repo_id: str, *, offline: bool | None) -> Path:
     raise CheckpointError(
         f"Could not fetch the model {repo_id!r} from the Hugging Face Hub: {reason.rstrip('. ')}. "
         "This machine may be offline, or the Hub unreachable. Either download it elsewhere "
-        f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass that directory, or run where "
+        f"(`hf download {repo_id} --local-dir DIR`) and pass that directory, or run where "
         "huggingface.co is reachable (set HF_TOKEN for gated models, HF_HOME to choose the cache). "
         "To try the server without the real weights, generate a test checkpoint with "
         "`python scripts/make_test_checkpoint.py --size tiny --output checkpoints/tiny` and pass that directory."
@@ -142,6 +148,8 @@ def _validate_tensors(config: RerankerConfig, files: tuple[Path, ...]) -> None:
                         continue
                     if key not in expected:
                         raise CheckpointError(f"{f.name}: unexpected tensor `{key}` (is this the reranker?)")
+                    if key in seen:
+                        raise CheckpointError(f"tensor `{key}` is stored twice (again in {f.name})")
                     shape = tuple(st.get_slice(key).get_shape())
                     if shape != expected[key]:
                         raise CheckpointError(

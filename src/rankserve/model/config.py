@@ -123,7 +123,7 @@ class RerankerConfig:
             return value
 
         architectures = raw.get("architectures")
-        if architectures is not None and ARCHITECTURE not in architectures:
+        if architectures is not None and (not isinstance(architectures, list) or ARCHITECTURE not in architectures):
             raise bad("architectures", f"is {architectures!r}; this server runs {ARCHITECTURE}")
         model_type = raw.get("model_type")
         if model_type is not None and model_type not in MODEL_TYPES:
