@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class BatchStats:
     size: int
     real_tokens: int
     padded_tokens: int
-    queue_seconds: float  # oldest sequence's wait before the batch started
+    queue_seconds: float  # oldest sequence's wait until the engine started on the batch
     compute_seconds: float
     ok: bool
 
@@ -80,6 +81,20 @@ class _Item:
     @property
     def length(self) -> int:
         return len(self.seq)
+
+
+class _Clock:
+    """Times a call inside the engine thread: a batch waiting for the one ahead of it is not engine time."""
+
+    started = 0.0
+    seconds = 0.0
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds = time.perf_counter() - self.started
 
 
 class Scheduler:
@@ -256,13 +271,11 @@ class Scheduler:
             ids = np.full((len(batch), int(lengths.max())), self.engine.info.pad_token_id, dtype=np.int64)
             for row, item in enumerate(batch):
                 ids[row, : item.length] = item.seq
-            started = time.perf_counter()
-            queue_seconds = started - min(it.enqueued for it in batch)
+            clock = _Clock()
             ok = False
             try:
-                logits = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.engine.score, ids, lengths
-                )
+                loop = asyncio.get_running_loop()
+                logits = await loop.run_in_executor(self._executor, clock.run, self.engine.score, ids, lengths)
                 logits = np.asarray(logits, dtype=np.float32).reshape(-1)
                 if logits.shape[0] != len(batch):
                     raise RuntimeError(f"engine returned {logits.shape[0]} logits for a batch of {len(batch)}")
@@ -272,15 +285,14 @@ class Scheduler:
                 self._fail(batch, EngineFailure(f"the engine failed on this request's batch: {type(e).__name__}"))
                 return
             finally:
-                compute = time.perf_counter() - started
-                if self._on_batch is not None:
-                    real = int(lengths.sum())
-                    self._on_batch(BatchStats(len(batch), real, int(ids.size), queue_seconds, compute, ok))
-            if compute > 0:
-                rate = int(ids.size) / compute
-                self._tokens_per_second = (
-                    rate if not self._tokens_per_second else 0.8 * self._tokens_per_second + 0.2 * rate
-                )
+                if self._on_batch is not None and clock.started:
+                    queue_seconds = clock.started - min(it.enqueued for it in batch)
+                    stats = BatchStats(len(batch), int(lengths.sum()), int(ids.size), queue_seconds, clock.seconds, ok)
+                    self._on_batch(stats)
+            if clock.seconds > 0:
+                rate = int(ids.size) / clock.seconds
+                old = self._tokens_per_second
+                self._tokens_per_second = rate if not old else 0.8 * old + 0.2 * rate
             self._deliver(batch, logits)
         finally:
             self._slots.release()
