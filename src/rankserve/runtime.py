@@ -34,10 +34,10 @@ def model_ids(settings: Settings) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def batch_policy(settings: Settings) -> BatchPolicy:
+def batch_policy(settings: Settings, engine: Engine) -> BatchPolicy:
     return BatchPolicy(
         max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_tokens=settings.max_batch_tokens or engine.info.preferred_batch_tokens,
         max_queue_tokens=settings.max_queue_tokens,
         lookahead=settings.batch_lookahead,
         min_fill=settings.min_batch_fill,
@@ -81,5 +81,5 @@ class Runtime:
             log.info("warm-up done in %.1fs", time.perf_counter() - started)
         max_length = min(settings.max_seq_length, engine.info.max_length)
         encoder = PairEncoder.from_file(ckpt.tokenizer_file, ckpt.config.bos_token_id, max_length)
-        scheduler = Scheduler(engine, batch_policy(settings), on_batch=on_batch)
+        scheduler = Scheduler(engine, batch_policy(settings, engine), on_batch=on_batch)
         return cls(settings, ckpt, engine, encoder, scheduler, Ranker(encoder, scheduler))

@@ -61,7 +61,12 @@ class Settings(BaseSettings):
 
     # Batching (see docs/configuration.md for how the defaults were chosen)
     max_batch_size: int = Field(64, ge=1, validation_alias=_env("max_batch_size", "NIM_TRITON_MAX_BATCH_SIZE"))
-    max_batch_tokens: int = Field(16384, ge=16, validation_alias=_env("max_batch_tokens"))
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=16,
+        validation_alias=_env("max_batch_tokens"),
+        description="padded tokens per batch; default: the engine's measured preference (CPU 2048, CUDA 16384)",
+    )
     max_queue_tokens: int = Field(2_000_000, ge=1, validation_alias=_env("max_queue_tokens"))
     batch_lookahead: int = Field(1024, ge=1, validation_alias=_env("batch_lookahead"))
     min_batch_fill: float = Field(0.8, gt=0, le=1, validation_alias=_env("min_batch_fill"))

@@ -20,7 +20,7 @@ class FakeEngine:
     """Logit = sum of ids (so results are checkable); records every batch; can be slowed down or broken."""
 
     def __init__(self, max_length: int = 512, delay: float = 0.0) -> None:
-        self.info = EngineInfo("fake", "cpu", "float32", max_length, PAD)
+        self.info = EngineInfo("fake", "cpu", "float32", max_length, PAD, preferred_batch_tokens=4096)
         self.delay = delay
         self.batches: list[tuple[int, int]] = []  # (rows, padded length)
         self.rows_scored = 0

@@ -181,7 +181,7 @@ async def metadata(request: Request) -> dict[str, Any]:
         "max_seq_length": runtime.encoder.max_length if runtime is not None else settings.max_seq_length,
         "max_passages": settings.max_passages,
         "max_batch_size": settings.max_batch_size,
-        "max_batch_tokens": settings.max_batch_tokens,
+        "max_batch_tokens": runtime.scheduler.policy.max_batch_tokens if runtime is not None else None,
         "ready": state.ready,
     }
 

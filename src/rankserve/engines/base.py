@@ -15,6 +15,7 @@ class EngineInfo:
     precision: str  # "float32", "bfloat16", ...
     max_length: int  # longest sequence (BOS included) the engine accepts
     pad_token_id: int
+    preferred_batch_tokens: int  # padded tokens per batch where throughput peaks (the scheduler's default budget)
 
 
 class Engine(Protocol):

@@ -13,6 +13,11 @@ from rankserve.model.llama import Reranker
 
 log = logging.getLogger(__name__)
 
+# Measured with scripts/bench_engine.py (docs/benchmarks.md): on CPU, tokens/s peaks at 1-2 k padded tokens per
+# batch and falls slowly beyond. The CUDA value is a starting point until GPU measurements set it.
+CPU_BATCH_TOKENS = 2048
+CUDA_BATCH_TOKENS = 16384
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,6 +50,7 @@ class TorchEngine:
             precision=str(dtype).removeprefix("torch."),
             max_length=max_length,
             pad_token_id=pad_token_id,
+            preferred_batch_tokens=CPU_BATCH_TOKENS if device.type == "cpu" else CUDA_BATCH_TOKENS,
         )
 
     @classmethod
