@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from rankserve.errors import InputTooLong
+from rankserve.errors import DeadlineExceeded, InputTooLong
 
 # Bumped whenever the text given to the model changes (caches and exports record it).
 PROMPT_TEMPLATE_VERSION = "1"
@@ -77,6 +78,10 @@ class PairEncoder:
 class Scorer(Protocol):
     """What the ranker needs from the layer below: logits for id sequences (the scheduler)."""
 
+    def check_capacity(self) -> None:
+        """Raise (e.g. Overloaded) if new work cannot be taken now: called before tokenizing."""
+        ...
+
     async def submit(self, sequences: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray: ...
 
 
@@ -117,17 +122,21 @@ class Ranker:
         self.encoder = encoder
         self.scorer = scorer
 
-    async def tokenize(self, request: RankRequest) -> list[np.ndarray]:
-        # The Rust tokenizer releases the GIL: run it in a worker thread so the event loop keeps serving.
-        return await asyncio.to_thread(self.encoder.encode, request.query, request.passages, request.truncate)
-
     async def rank(self, request: RankRequest) -> RankResult:
+        deadline = None if request.timeout is None else time.monotonic() + request.timeout
+        self.scorer.check_capacity()
         # A passage repeated within a request is scored once: identical passages get identical logits (so
         # their order is the index order) and the engine does no duplicate work. `usage` still counts each.
         unique = list(dict.fromkeys(request.passages))
         position = {text: i for i, text in enumerate(unique)}
-        sequences = await self.tokenize(replace(request, passages=unique))
-        unique_logits = await self.scorer.submit(sequences, timeout=request.timeout)
+        # The Rust tokenizer releases the GIL: run it in a worker thread so the event loop keeps serving.
+        sequences = await asyncio.to_thread(self.encoder.encode, request.query, unique, request.truncate)
+        remaining = None
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("the request did not finish within its deadline")
+        unique_logits = await self.scorer.submit(sequences, timeout=remaining)
         order = [position[p] for p in request.passages]
         logits = unique_logits[order]
         prompt_tokens = sum(len(sequences[i]) for i in order)

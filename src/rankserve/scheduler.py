@@ -62,12 +62,13 @@ class _Job:
 
     future: asyncio.Future[np.ndarray]
     logits: np.ndarray
-    remaining: int
-    tokens: int
+    remaining: int  # sequences without a logit yet
+    queued_tokens: int  # tokens of its sequences still waiting (not yet in a batch)
+    finished: bool = False  # a plain flag the engine thread may read
 
     @property
     def live(self) -> bool:
-        return not self.future.done()
+        return not self.finished
 
 
 @dataclass(eq=False, slots=True)
@@ -83,13 +84,24 @@ class _Item:
         return len(self.seq)
 
 
+FAILURES_UNTIL_UNHEALTHY = 5
+
+
+def _log_loop_exit(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the batching loop died; no request can be served", exc_info=task.exception())
+
+
 class _Clock:
-    """Times a call inside the engine thread: a batch waiting for the one ahead of it is not engine time."""
+    """Runs the engine call in the engine thread and times it there (waiting for the batch ahead is not
+    engine time). Skips the call if every request in the batch finished while it waited."""
 
     started = 0.0
     seconds = 0.0
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def run_unless_finished(self, jobs: set[_Job], fn: Callable[..., Any], *args: Any) -> Any:
+        if all(job.finished for job in jobs):
+            return None
         self.started = time.perf_counter()
         try:
             return fn(*args)
@@ -104,9 +116,6 @@ class Scheduler:
         policy: BatchPolicy,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
-        if policy.max_batch_tokens < engine.info.max_length:
-            # A full-length sequence must fit in a batch on its own.
-            policy = BatchPolicy(**{**policy.__dict__, "max_batch_tokens": engine.info.max_length})
         self.engine = engine
         self.policy = policy
         self._on_batch = on_batch
@@ -119,6 +128,7 @@ class Scheduler:
         self._batches: set[asyncio.Task[None]] = set()
         self._closed = False
         self._tokens_per_second = 0.0  # moving average, for Retry-After
+        self.consecutive_failures = 0
 
     # -- public -------------------------------------------------------------------------------------------
 
@@ -127,12 +137,22 @@ class Scheduler:
         return self._queued_tokens
 
     @property
-    def running(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
+    def healthy(self) -> bool:
+        """False once the batching loop died or the engine failed `FAILURES_UNTIL_UNHEALTHY` batches in a row."""
+        running = self._loop_task is not None and not self._loop_task.done()
+        return running and self.consecutive_failures < FAILURES_UNTIL_UNHEALTHY
 
     def start(self) -> None:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+            self._loop_task.add_done_callback(_log_loop_exit)
+
+    def check_capacity(self) -> None:
+        """Cheap early refusal (before a request is tokenized) while the queue is already full."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        if self._queued_tokens >= self.policy.max_queue_tokens:
+            raise self._overloaded()
 
     async def close(self) -> None:
         """Stop taking work, let batches in flight finish, fail whatever is still queued."""
@@ -145,10 +165,7 @@ class Scheduler:
         if self._batches:
             await asyncio.gather(*self._batches, return_exceptions=True)
         while self._queue:
-            item = self._queue.popleft()
-            if item.job.live:
-                item.job.future.set_exception(ShuttingDown("the server is shutting down"))
-        self._queued_tokens = 0
+            self._abandon(self._queue.popleft().job, ShuttingDown("the server is shutting down"))
         self._executor.shutdown(wait=True)
 
     async def submit(self, sequences: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
@@ -157,10 +174,7 @@ class Scheduler:
             raise ShuttingDown("the server is shutting down")
         tokens = int(sum(len(s) for s in sequences))
         if self._queued_tokens and self._queued_tokens + tokens > self.policy.max_queue_tokens:
-            raise Overloaded(
-                f"the server is at capacity ({self._queued_tokens} tokens queued); retry later",
-                retry_after_s=self._retry_after(),
-            )
+            raise self._overloaded()
         too_long = [len(s) for s in sequences if len(s) > self.engine.info.max_length]
         if too_long:  # the ranker truncates or rejects first; this guards the engine
             raise ValueError(f"sequence of {too_long[0]} tokens exceeds the engine's {self.engine.info.max_length}")
@@ -169,7 +183,7 @@ class Scheduler:
             future=loop.create_future(),
             logits=np.full(len(sequences), np.nan, dtype=np.float32),
             remaining=len(sequences),
-            tokens=tokens,
+            queued_tokens=tokens,
         )
         if not sequences:
             return job.logits
@@ -178,25 +192,35 @@ class Scheduler:
         self._queued_tokens += tokens
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout)
+            # On timeout or cancellation wait_for cancels job.future; _abandon then releases its queued work.
+            return await asyncio.wait_for(job.future, timeout)
         except asyncio.TimeoutError:
-            self._abandon(job, DeadlineExceeded(f"the request did not finish within {timeout:g} s"))
-            raise job.future.exception() from None  # type: ignore[misc]
+            self._abandon(job, None)
+            raise DeadlineExceeded("the request did not finish within its deadline") from None
         except asyncio.CancelledError:  # the client went away: drop its work
-            self._abandon(job, DeadlineExceeded("the request was cancelled"))
+            self._abandon(job, None)
             raise
 
     # -- internals ----------------------------------------------------------------------------------------
 
-    def _abandon(self, job: _Job, error: Exception) -> None:
-        if job.live:
+    def _abandon(self, job: _Job, error: Exception | None) -> None:
+        """Finish `job` with `error` (unless already done); its sequences still waiting are dropped."""
+        if job.finished:
+            return
+        job.finished = True
+        self._queued_tokens -= job.queued_tokens
+        job.queued_tokens = 0
+        if error is not None and not job.future.done():
             job.future.set_exception(error)
-            job.future.exception()  # mark retrieved: nobody else awaits it
+            job.future.exception()  # mark retrieved: its waiter may be gone
 
-    def _retry_after(self) -> int:
+    def _overloaded(self) -> Overloaded:
         if self._tokens_per_second <= 0:
-            return 1
-        return max(1, min(60, math.ceil(self._queued_tokens / self._tokens_per_second)))
+            retry = 1
+        else:
+            retry = max(1, min(60, math.ceil(self._queued_tokens / self._tokens_per_second)))
+        message = f"the server is at capacity ({self._queued_tokens} tokens queued); retry later"
+        return Overloaded(message, retry_after_s=retry)
 
     async def _run(self) -> None:
         while True:
@@ -217,9 +241,8 @@ class Scheduler:
         for item in queue:
             if item.taken:
                 continue
-            if not item.job.live:  # finished request: forget its waiting sequences
+            if not item.job.live:  # finished request (its tokens were released then): skip
                 item.taken = True
-                self._queued_tokens -= item.length
                 continue
             window.append(item)
             if len(window) >= self.policy.lookahead:
@@ -260,6 +283,7 @@ class Scheduler:
         batch = ordered[lo : hi + 1]
         for item in batch:
             item.taken = True
+            item.job.queued_tokens -= item.length
             self._queued_tokens -= item.length
         while queue and queue[0].taken:
             queue.popleft()
@@ -267,43 +291,60 @@ class Scheduler:
 
     async def _execute(self, batch: list[_Item]) -> None:
         try:
-            lengths = np.fromiter((it.length for it in batch), dtype=np.int64, count=len(batch))
-            ids = np.full((len(batch), int(lengths.max())), self.engine.info.pad_token_id, dtype=np.int64)
-            for row, item in enumerate(batch):
-                ids[row, : item.length] = item.seq
-            clock = _Clock()
-            ok = False
-            try:
-                loop = asyncio.get_running_loop()
-                logits = await loop.run_in_executor(self._executor, clock.run, self.engine.score, ids, lengths)
-                logits = np.asarray(logits, dtype=np.float32).reshape(-1)
-                if logits.shape[0] != len(batch):
-                    raise RuntimeError(f"engine returned {logits.shape[0]} logits for a batch of {len(batch)}")
-                ok = True
-            except Exception as e:
-                log.exception("engine failed on a batch of %d sequences (%d tokens)", len(batch), ids.size)
-                self._fail(batch, EngineFailure(f"the engine failed on this request's batch: {type(e).__name__}"))
-                return
-            finally:
-                if self._on_batch is not None and clock.started:
-                    queue_seconds = clock.started - min(it.enqueued for it in batch)
-                    stats = BatchStats(len(batch), int(lengths.sum()), int(ids.size), queue_seconds, clock.seconds, ok)
-                    self._on_batch(stats)
-            if clock.seconds > 0:
-                rate = int(ids.size) / clock.seconds
-                old = self._tokens_per_second
-                self._tokens_per_second = rate if not old else 0.8 * old + 0.2 * rate
-            self._deliver(batch, logits)
+            await self._compute(batch)
+        except Exception as e:  # a bug of ours, not the engine's: still fail only this batch, never hang it
+            log.exception("batch handling failed")
+            self._fail(batch, EngineFailure(f"internal error while scoring: {type(e).__name__}"))
         finally:
             self._slots.release()
             self._wakeup.set()
 
+    async def _compute(self, batch: list[_Item]) -> None:
+        lengths = np.fromiter((it.length for it in batch), dtype=np.int64, count=len(batch))
+        ids = np.full((len(batch), int(lengths.max())), self.engine.info.pad_token_id, dtype=np.int64)
+        for row, item in enumerate(batch):
+            ids[row, : item.length] = item.seq
+        clock = _Clock()
+        jobs = {item.job for item in batch}
+        try:
+            loop = asyncio.get_running_loop()
+            logits = await loop.run_in_executor(
+                self._executor, clock.run_unless_finished, jobs, self.engine.score, ids, lengths
+            )
+            if logits is None:  # every request in the batch finished while it waited: nothing computed
+                return
+            logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+            if logits.shape[0] != len(batch):
+                raise RuntimeError(f"engine returned {logits.shape[0]} logits for a batch of {len(batch)}")
+        except Exception as e:
+            log.exception("engine failed on a batch of %d sequences (%d tokens)", len(batch), ids.size)
+            self.consecutive_failures += 1
+            self._observe(batch, clock, lengths, ids, ok=False)
+            self._fail(batch, EngineFailure(f"the engine failed on this request's batch: {type(e).__name__}"))
+            return
+        self.consecutive_failures = 0
+        self._observe(batch, clock, lengths, ids, ok=True)
+        if clock.seconds > 0:
+            rate = int(ids.size) / clock.seconds
+            old = self._tokens_per_second
+            self._tokens_per_second = rate if not old else 0.8 * old + 0.2 * rate
+        self._deliver(batch, logits)
+
+    def _observe(self, batch: list[_Item], clock: _Clock, lengths: np.ndarray, ids: np.ndarray, ok: bool) -> None:
+        if self._on_batch is None or not clock.started:
+            return
+        queue_seconds = clock.started - min(it.enqueued for it in batch)
+        try:
+            self._on_batch(BatchStats(len(batch), int(lengths.sum()), int(ids.size), queue_seconds, clock.seconds, ok))
+        except Exception:
+            log.exception("batch telemetry hook failed")
+
     def _deliver(self, batch: list[_Item], logits: np.ndarray) -> None:
         bad = ~np.isfinite(logits)
-        failed = {id(batch[i].job): batch[i].job for i in np.flatnonzero(bad)}
+        failed = {batch[i].job for i in np.flatnonzero(bad)}
         if failed:
             log.error("engine returned %d non-finite logits; failing %d request(s)", int(bad.sum()), len(failed))
-        for job in failed.values():
+        for job in failed:
             self._abandon(job, EngineFailure("the engine returned a non-finite score for this request"))
         for item, logit in zip(batch, logits, strict=True):
             job = item.job
@@ -312,7 +353,9 @@ class Scheduler:
             job.logits[item.index] = logit
             job.remaining -= 1
             if job.remaining == 0:
-                job.future.set_result(job.logits)
+                job.finished = True
+                if not job.future.done():
+                    job.future.set_result(job.logits)
 
     def _fail(self, batch: list[_Item], error: EngineFailure) -> None:
         for item in batch:

@@ -128,6 +128,21 @@ def test_engine_failure_is_a_500_and_the_server_keeps_serving(controlled_server:
     assert metric(controlled_server.metrics(), "rankserve_batch_failures_total") > before
 
 
+def test_an_engine_failing_for_good_turns_readiness_503(controlled_server: ServerThread) -> None:
+    engine: ControlledEngine = controlled_server.engine
+    engine.fail = True
+    for _ in range(6):  # more than the scheduler's limit of consecutive failed batches
+        assert_error(post(controlled_server, ranking_body(QUERY, SHORT)), 500)
+    with controlled_server.client() as client:
+        ready = client.get("/v1/health/ready")
+        assert ready.status_code == 503 and "failing" in ready.json()["message"]
+        assert ready.headers["retry-after"]
+    engine.fail = False  # it recovers: the next good batch makes it ready again
+    assert post(controlled_server, ranking_body(QUERY, SHORT)).status_code == 200
+    with controlled_server.client() as client:
+        assert client.get("/v1/health/ready").status_code == 200
+
+
 @pytest.mark.parametrize("where", ["all", "one"])
 def test_nan_is_a_500_never_a_200(controlled_server: ServerThread, where: str) -> None:
     engine: ControlledEngine = controlled_server.engine
@@ -221,6 +236,7 @@ def test_disconnected_client_stops_consuming_engine_time(controlled_server: Serv
     wait_idle(engine, quiet=0.1)
     engine.delay = 0.2  # per batch of 2: 40 passages would take 4 s
     rows_before = engine.rows_scored
+    errors_before = metric(controlled_server.metrics(), "rankserve_requests_total", route="/v1/ranking", status="500")
     passages = [f"passage {i} about something" for i in range(40)]
     with pytest.raises(httpx.ReadTimeout):
         post(controlled_server, ranking_body(QUERY, passages), timeout=0.5)
@@ -230,6 +246,9 @@ def test_disconnected_client_stops_consuming_engine_time(controlled_server: Serv
     samples = controlled_server.metrics()
     assert metric(samples, "rankserve_requests_in_flight") == 0
     assert metric(samples, "rankserve_queue_tokens") == 0
+    # Counted as the client leaving (499), not as a server error.
+    assert metric(samples, "rankserve_requests_total", route="/v1/ranking", status="499") >= 1
+    assert metric(samples, "rankserve_requests_total", route="/v1/ranking", status="500") == errors_before
     engine.reset()
     r = post(controlled_server, ranking_body(QUERY, SHORT))
     assert r.status_code == 200, r.text

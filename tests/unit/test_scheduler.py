@@ -231,3 +231,90 @@ def test_engine_time_excludes_waiting_for_the_batch_ahead() -> None:
     assert len(stats) == 8
     # Non-overlapping intervals inside `elapsed`: their sum cannot exceed it (it did when the wait was counted).
     assert sum(st.compute_seconds for st in stats) <= elapsed
+
+
+def test_token_budget_below_the_engine_max_length_is_kept() -> None:
+    """The budget binds even when the engine accepts longer sequences; a longer sequence runs alone."""
+    engine = FakeEngine(max_length=4096)
+    policy = BatchPolicy(max_batch_size=64, max_batch_tokens=256)
+
+    async def body(s: Scheduler):
+        return await asyncio.gather(s.submit([seq(60)] * 10), s.submit([seq(1000)]))
+
+    run(with_scheduler(engine, policy, body))
+    assert (1, 1000) in engine.batches
+    assert all(rows * length <= 256 for rows, length in engine.batches if length <= 256)
+
+
+def test_abandoned_work_is_released_from_the_queue_at_once() -> None:
+    engine = FakeEngine()
+    engine.gate = threading.Event()
+    policy = BatchPolicy(max_batch_size=1, pipeline_depth=1, max_queue_tokens=100)
+
+    async def body(s: Scheduler):
+        blocker = asyncio.ensure_future(s.submit([seq(4)]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineExceeded):
+            await s.submit([seq(30)] * 3, timeout=0.05)
+        # The engine is still busy, yet the expired request's 90 tokens no longer count against admission.
+        assert s.queued_tokens == 0
+        admitted = asyncio.ensure_future(s.submit([seq(50), seq(40)]))
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        return await asyncio.gather(blocker, admitted)
+
+    _, admitted = run(with_scheduler(engine, policy, body))
+    np.testing.assert_array_equal(admitted, [50, 40])
+
+
+def test_a_batch_whose_requests_all_finished_is_not_computed() -> None:
+    engine = FakeEngine()
+    engine.gate = threading.Event()
+    policy = BatchPolicy(max_batch_size=1, pipeline_depth=2)
+
+    async def body(s: Scheduler):
+        blocker = asyncio.ensure_future(s.submit([seq(4)]))
+        doomed = asyncio.ensure_future(s.submit([seq(7, 3)]))  # formed as the second in-flight batch
+        await asyncio.sleep(0.05)
+        doomed.cancel()
+        await asyncio.gather(doomed, return_exceptions=True)
+        engine.gate.set()
+        await blocker
+        await s.submit([seq(2)])
+        return engine.batches
+
+    batches = run(with_scheduler(engine, policy, body))
+    assert (1, 7) not in batches
+
+
+def test_repeated_engine_failures_make_the_scheduler_unhealthy_until_a_success() -> None:
+    engine = FakeEngine()
+    engine.fail_when = lambda ids, lengths: bool((ids == 99).any())
+
+    async def body(s: Scheduler):
+        assert s.healthy
+        for _ in range(5):
+            with pytest.raises(EngineFailure):
+                await s.submit([seq(3, 99)])
+        unhealthy = not s.healthy
+        await s.submit([seq(3)])
+        return unhealthy, s.healthy
+
+    assert run(with_scheduler(engine, BatchPolicy(), body)) == (True, True)
+
+
+def test_a_failing_telemetry_hook_does_not_hang_requests() -> None:
+    engine = FakeEngine()
+
+    def broken_hook(stats: BatchStats) -> None:
+        raise RuntimeError("hook bug")
+
+    async def body(_: Scheduler):
+        s = Scheduler(engine, BatchPolicy(), on_batch=broken_hook)
+        s.start()
+        try:
+            return await s.submit([seq(3), seq(4)], timeout=5)
+        finally:
+            await s.close()
+
+    np.testing.assert_array_equal(run(body(None)), [3, 4])

@@ -45,10 +45,25 @@ class AppState:
     started_at: float = field(default_factory=time.time)
 
     @property
+    def not_ready_reason(self) -> str | None:
+        """Why readiness is 503, or None when ready."""
+        if self.draining:
+            return "the server is shutting down"
+        if self.fatal is not None:
+            return f"the engine is unavailable: {self.fatal}"
+        if self.runtime is None:
+            return "the model is loading"
+        if not self.runtime.scheduler.healthy:
+            return "the engine is failing (its last batches all failed, or the batching loop stopped)"
+        return None
+
+    @property
     def ready(self) -> bool:
-        return self.runtime is not None and self.fatal is None and not self.draining
+        return self.not_ready_reason is None
 
     def require_runtime(self) -> Runtime:
+        """The runtime for a new inference request. A failing engine still gets requests (it may recover);
+        readiness tells load balancers to go elsewhere meanwhile."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if self.fatal is not None:
@@ -156,6 +171,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            if scope.get("rankserve.client_gone"):
+                status = 499  # nginx's code for "client closed the request"
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(label, str(status)).inc()
@@ -170,6 +187,7 @@ REJECTION_REASONS = {
     401: "auth",
     413: "body_too_large",
     415: "validation",
+    499: "client_gone",
     422: "validation",
     429: "overload",
     503: "unavailable",
@@ -194,7 +212,8 @@ class BodyLimitMiddleware:
         headers = dict(scope.get("headers", []))
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if not content_type:
-            scope = {**scope, "headers": [*scope.get("headers", []), (b"content-type", b"application/json")]}
+            # In place: outer middleware reads what routing writes into this same scope.
+            scope["headers"] = [*scope.get("headers", []), (b"content-type", b"application/json")]
         elif content_type != b"application/json" and not content_type.endswith(b"+json"):
             message = f"Content-Type must be application/json, got {content_type.decode('latin-1')!r}"
             await self._reject(send, 415, message, "unsupported_media_type")
@@ -207,7 +226,8 @@ class BodyLimitMiddleware:
         size = 0
         while True:
             message = await receive()
-            if message["type"] == "http.disconnect":
+            if message["type"] == "http.disconnect":  # the client left mid-upload: nothing to answer
+                scope["rankserve.client_gone"] = True
                 return
             body = message.get("body", b"")
             size += len(body)

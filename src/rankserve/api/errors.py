@@ -42,8 +42,12 @@ def _snake(name: str) -> str:
 
 def rankserve_error(exc: e.RankserveError) -> JSONResponse:
     status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, e.Overloaded) else None
-    if status == 401:
+    headers = None
+    if isinstance(exc, e.Overloaded):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, (e.NotReady, e.ShuttingDown)):
+        headers = {"Retry-After": "5"}  # loading, broken or draining: try again later (or elsewhere)
+    elif status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return error_response(status, exc.message, _snake(type(exc).__name__), headers)
 

@@ -62,13 +62,14 @@ async def ranking(body: RankingRequest, request: Request) -> Any:
     dependencies=[auth(None)],
 )
 async def hosted_ranking(slug: str, body: HostedRankingRequest, request: Request) -> Any:
-    _resolve_model(request, f"nvidia/{slug}")
+    _resolve_model(request, f"nvidia/{slug}", slug=True)
     return await _rank(request, body, top_n=body.top_k)
 
 
-def _resolve_model(request: Request, name: str | None) -> str:
+def _resolve_model(request: Request, name: str | None, *, slug: bool = False) -> str:
     ids: list[str] = _state(request).model_ids
-    if name is None or name in ids:
+    # In the hosted-style URL the slug follows `nvidia/`; a served name of our own may have no such prefix.
+    if name is None or name in ids or (slug and name.removeprefix("nvidia/") in ids):
         return ids[0]
     raise UnknownModel(f"model {name!r} is not served here; this server serves {', '.join(repr(i) for i in ids)}")
 
@@ -106,7 +107,7 @@ async def _rank(request: Request, body: RankingRequest, top_n: int | None) -> An
 
 
 async def _unless_disconnected(request: Request, work: Any) -> RankResult | None:
-    """Run `work`; if the client disconnects first, cancel it (its queued sequences are dropped)."""
+    """Run `work`; if the client disconnects first, cancel it (its queued sequences are dropped) → None."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
@@ -115,6 +116,7 @@ async def _unless_disconnected(request: Request, work: Any) -> RankResult | None
         watcher.cancel()
         if not task.done():
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
     if task.cancelled():
         return None
     return task.result()
@@ -133,11 +135,11 @@ async def models(request: Request) -> dict[str, Any]:
     state = _state(request)
     created = int(state.started_at)
     primary = state.model_ids[0]
+    # Aliases point at the primary id; the primary entry's root is its own id (LangChain picks by it).
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": "nvidia", "root": primary}
         for name in state.model_ids
     ]
-    data[0]["root"] = primary  # the primary entry's root is its own id (LangChain picks by it)
     return {"object": "list", "data": data}
 
 
@@ -148,17 +150,11 @@ async def live() -> dict[str, str]:
 
 @router.get("/v1/health/ready", dependencies=[auth("health")])
 async def ready(request: Request) -> JSONResponse:
-    state = _state(request)
-    if state.ready:
-        body = {"object": "health.response", "message": "Service is ready.", "status": "ready"}
-        return JSONResponse(body)
-    if state.draining:
-        message = "Service is shutting down."
-    elif state.fatal is not None:
-        message = f"Service is not ready: {state.fatal}"
-    else:
-        message = "Service is not ready: the model is loading."
-    return JSONResponse({"object": "health.response", "message": message, "status": "not_ready"}, status_code=503)
+    reason = _state(request).not_ready_reason
+    if reason is None:
+        return JSONResponse({"object": "health.response", "message": "Service is ready.", "status": "ready"})
+    body = {"object": "health.response", "message": f"Service is not ready: {reason}.", "status": "not_ready"}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
 @router.get("/v1/metadata", dependencies=[auth("metadata")])

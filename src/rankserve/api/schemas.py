@@ -45,10 +45,3 @@ class Usage(BaseModel):
 class RankingResponse(BaseModel):
     rankings: list[RankingEntry]
     usage: Usage
-
-
-class ErrorBody(BaseModel):
-    error: str
-    detail: str
-    status: int
-    type: str

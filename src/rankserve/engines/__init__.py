@@ -11,7 +11,10 @@ BACKENDS = ("auto", "torch")
 def create_engine(ckpt: Checkpoint, *, backend: str, device: str, dtype: str, max_length: int | None) -> Engine:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    from rankserve.engines.torch_engine import TorchEngine
+    try:
+        from rankserve.engines.torch_engine import TorchEngine
+    except ImportError as e:
+        raise RuntimeError(f"the torch backend needs PyTorch ({e}): pip install 'rankserve[torch]'") from None
 
     return TorchEngine.from_checkpoint(ckpt, device=device, dtype=dtype, max_length=max_length)
 
