@@ -40,7 +40,7 @@ class BatchPolicy:
     max_batch_tokens: int = 16384  # padded tokens (batch × longest sequence)
     max_queue_tokens: int = 2_000_000
     lookahead: int = 1024
-    min_fill: float = 0.8
+    min_fill: float = 0.9
     pipeline_depth: int = 2
 
 

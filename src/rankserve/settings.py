@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     )
     max_queue_tokens: int = Field(2_000_000, ge=1, validation_alias=_env("max_queue_tokens"))
     batch_lookahead: int = Field(1024, ge=1, validation_alias=_env("batch_lookahead"))
-    min_batch_fill: float = Field(0.8, gt=0, le=1, validation_alias=_env("min_batch_fill"))
+    min_batch_fill: float = Field(0.9, gt=0, le=1, validation_alias=_env("min_batch_fill"))
     warmup: bool = Field(True, validation_alias=_env("warmup"))
 
     @field_validator("served_model_name", "auth_public_routes", mode="before")
