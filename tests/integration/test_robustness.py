@@ -167,10 +167,15 @@ def test_infinite_logit_is_a_500(controlled_server: ServerThread) -> None:
 # -- overload --------------------------------------------------------------------------------------------------------
 
 
+def controlled(tiny_checkpoint_dir: Path, tiny_checkpoint: Checkpoint, **settings: object) -> ServerThread:
+    """A server on the tiny checkpoint whose engine the test controls, with `settings` overridden."""
+    config = tiny_settings(tiny_checkpoint_dir, warmup=False, **settings)
+    return ServerThread(config, engine_factory=controlled_factory, checkpoint=tiny_checkpoint)
+
+
 @pytest.fixture(scope="module")
 def overload_server(tiny_checkpoint_dir: Path, tiny_checkpoint: Checkpoint) -> Iterator[ServerThread]:
-    settings = tiny_settings(tiny_checkpoint_dir, max_queue_tokens=64, warmup=False)
-    with running(ServerThread(settings, engine_factory=controlled_factory, checkpoint=tiny_checkpoint)) as s:
+    with running(controlled(tiny_checkpoint_dir, tiny_checkpoint, max_queue_tokens=64)) as s:
         yield s
 
 
@@ -208,8 +213,7 @@ def test_overload_is_a_429_with_retry_after(overload_server: ServerThread) -> No
 
 @pytest.fixture(scope="module")
 def deadline_server(tiny_checkpoint_dir: Path, tiny_checkpoint: Checkpoint) -> Iterator[ServerThread]:
-    settings = tiny_settings(tiny_checkpoint_dir, request_timeout_seconds=0.5, warmup=False)
-    with running(ServerThread(settings, engine_factory=controlled_factory, checkpoint=tiny_checkpoint)) as s:
+    with running(controlled(tiny_checkpoint_dir, tiny_checkpoint, request_timeout_seconds=0.5)) as s:
         yield s
 
 
