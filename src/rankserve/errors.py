@@ -32,6 +32,17 @@ class InvalidRequest(RankserveError):
     """A request that is well-formed JSON but asks for something we cannot do."""
 
 
+class TooManyWindows(InvalidRequest):
+    """Long passages split into more windows than one request may send (`max_windows_per_request`)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the passages of this request need more than {limit} windows (the limit per request, "
+            "RANKSERVE_MAX_WINDOWS_PER_REQUEST): send fewer or shorter passages"
+        )
+        self.limit = limit
+
+
 class UnknownModel(RankserveError):
     """The request names a model this server does not serve."""
 

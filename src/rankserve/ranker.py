@@ -13,12 +13,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from rankserve.errors import DeadlineExceeded, InputTooLong
+from rankserve import windows
+from rankserve.cache import CachedScore, CacheKeys, ScoreCache
+from rankserve.errors import DeadlineExceeded, InputTooLong, TooManyWindows
 
 # Bumped whenever the text given to the model changes (caches and exports record it).
 PROMPT_TEMPLATE_VERSION = "1"
@@ -32,6 +34,9 @@ def format_pair(query: str, passage: str) -> str:
 class Truncate(str, enum.Enum):
     NONE = "NONE"  # reject a pair longer than the limit
     END = "END"  # cut from the right: the passage's tail first, the query's only if it alone is too long
+    # Extension (the real NIM never sends it): a passage too long for one sequence is split into overlapping
+    # windows, each scored as its own (query, window) pair with the normal template; the max logit is kept.
+    WINDOW = "WINDOW"
 
 
 class PairEncoder:
@@ -55,24 +60,77 @@ class PairEncoder:
         return cls(Tokenizer.from_file(str(path)), bos_token_id, max_length)
 
     def encode(self, query: str, passages: Sequence[str], truncate: Truncate) -> list[np.ndarray]:
-        """One int32 id array per passage, BOS first, at most `max_length` long.
+        """One int32 id array per passage, BOS first, at most `max_length` long (`NONE` and `END` only).
 
         With `Truncate.NONE` the first pair over the limit raises `InputTooLong` (the whole request fails).
         """
-        encodings = self.tokenizer.encode_batch([format_pair(query, p) for p in passages], add_special_tokens=False)
+        if truncate is Truncate.WINDOW:
+            raise ValueError("Truncate.WINDOW gives several sequences per passage: use encode_windows")
         budget = self.max_length - 1  # room left after BOS
         out = []
-        for enc in encodings:
-            ids = enc.ids
+        for ids in self._pair_ids(query, passages):
             if len(ids) > budget:
                 if truncate is Truncate.NONE:
                     raise InputTooLong(len(ids) + 1, self.max_length)
                 ids = ids[:budget]
-            seq = np.empty(len(ids) + 1, dtype=np.int32)
-            seq[0] = self.bos_token_id
-            seq[1:] = ids
-            out.append(seq)
+            out.append(self._sequence(ids))
         return out
+
+    def encode_windows(
+        self, query: str, passages: Sequence[str], overlap: float, max_windows: int
+    ) -> list[list[np.ndarray]]:
+        """The sequences of each passage under `Truncate.WINDOW`.
+
+        A pair that fits is one sequence, identical to `NONE`/`END`. A longer passage becomes overlapping windows
+        (`windows.split`). If the query leaves no room for even one passage token, the pair is cut as with `END`
+        (windows cannot help). Raises `TooManyWindows` as soon as the total would pass `max_windows`.
+        """
+        budget = self.max_length - 1
+        pairs = self._pair_ids(query, passages)
+        out: list[list[np.ndarray]] = [[self._sequence(ids[:budget])] for ids in pairs]
+        long = [i for i, ids in enumerate(pairs) if len(ids) > budget]
+        room = self.window_room(query)
+        if room < 1:
+            long = []  # the query alone is too long: END's cut, one sequence per passage
+        encodings = self.tokenizer.encode_batch([passages[i] for i in long], add_special_tokens=False)
+        counts = {
+            i: windows.estimate_windows(len(enc.ids), room, overlap) for i, enc in zip(long, encodings, strict=True)
+        }
+        total = len(passages) + sum(counts.values()) - len(counts)
+        if total > max_windows:  # cheap check first, before re-tokenizing every window
+            raise TooManyWindows(max_windows)
+        for i, enc in zip(long, encodings, strict=True):
+            found = self.passage_windows(query, passages[i], enc.offsets, room, overlap)
+            total += len(found) - counts[i]
+            if total > max_windows:
+                raise TooManyWindows(max_windows)
+            out[i] = [self._sequence(w.ids[1:]) for w in found]
+        return out
+
+    def window_room(self, query: str) -> int:
+        """Passage tokens a window aims at: what BOS, the template and the query leave of `max_length`."""
+        return self.max_length - 1 - len(self._pair_ids(query, [""])[0])
+
+    def passage_windows(
+        self, query: str, passage: str, offsets: Sequence[tuple[int, int]], room: int, overlap: float
+    ) -> list[windows.Window]:
+        """The windows of one passage (`offsets`: its tokens' character offsets). Window ids include BOS."""
+
+        def encode(text: str) -> list[int]:
+            return [self.bos_token_id, *self._pair_ids(query, [text])[0]]
+
+        return windows.split(passage, offsets, room, overlap, encode, self.max_length)
+
+    def _pair_ids(self, query: str, passages: Sequence[str]) -> list[list[int]]:
+        """Untruncated ids of each pair's template text, without BOS."""
+        encodings = self.tokenizer.encode_batch([format_pair(query, p) for p in passages], add_special_tokens=False)
+        return [enc.ids for enc in encodings]
+
+    def _sequence(self, ids: Sequence[int]) -> np.ndarray:
+        seq = np.empty(len(ids) + 1, dtype=np.int32)
+        seq[0] = self.bos_token_id
+        seq[1:] = ids
+        return seq
 
 
 class Scorer(Protocol):
@@ -117,30 +175,94 @@ def sort_rankings(logits: np.ndarray, top_n: int | None = None) -> list[Ranking]
     return [Ranking(index=i, logit=float(logits[i])) for i in order]
 
 
+@dataclass(frozen=True)
+class LongDocuments:
+    """How the ranker treats pairs longer than one sequence (settings `long_documents`, `window_overlap`,
+    `max_windows_per_request`)."""
+
+    mode: Literal["truncate", "window"] = "truncate"  # "window": requests asking for END get WINDOW
+    overlap: float = 0.125  # share of a window's passage tokens repeated in the next window
+    max_windows: int = 2048  # sequences per request in WINDOW mode (a passage that fits counts as one)
+
+    def effective(self, truncate: Truncate) -> Truncate:
+        return Truncate.WINDOW if truncate is Truncate.END and self.mode == "window" else truncate
+
+
 class Ranker:
-    def __init__(self, encoder: PairEncoder, scorer: Scorer) -> None:
+    def __init__(
+        self,
+        encoder: PairEncoder,
+        scorer: Scorer,
+        *,
+        long_documents: LongDocuments | None = None,
+        cache: ScoreCache | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        """`cache` (optional) must belong to this ranker's checkpoint, whose `fingerprint` is part of every key."""
         self.encoder = encoder
         self.scorer = scorer
+        self.long_documents = long_documents or LongDocuments()
+        self.cache = cache
+        self._keys = None
+        if cache is not None:
+            overlap = self.long_documents.overlap
+            self._keys = CacheKeys(fingerprint, PROMPT_TEMPLATE_VERSION, encoder.max_length, overlap)
 
     async def rank(self, request: RankRequest) -> RankResult:
         deadline = None if request.timeout is None else time.monotonic() + request.timeout
-        self.scorer.check_capacity()
+        truncate = self.long_documents.effective(request.truncate)
         # A passage repeated within a request is scored once: identical passages get identical logits (so
         # their order is the index order) and the engine does no duplicate work. `usage` still counts each.
         unique = list(dict.fromkeys(request.passages))
-        position = {text: i for i, text in enumerate(unique)}
+        scores: dict[str, CachedScore] = {}
+        keys: list[bytes] = []
+        if self.cache is not None and self._keys is not None:
+            keys = self._keys.for_pairs(truncate.value, request.query, unique)
+            for passage, key in zip(unique, keys, strict=True):
+                hit = self.cache.get(key)
+                if hit is not None:
+                    scores[passage] = hit
+        missing = [p for p in unique if p not in scores]
+        window_budget = self.long_documents.max_windows - sum(s.windows for s in scores.values())
+        if truncate is Truncate.WINDOW and window_budget < 0:
+            raise TooManyWindows(self.long_documents.max_windows)
+        if missing:
+            fresh = await self._score(request.query, missing, truncate, window_budget, deadline)
+            scores.update(fresh)
+            if self.cache is not None:
+                for passage, key in zip(unique, keys, strict=True):
+                    value = fresh.get(passage)
+                    if value is not None and math.isfinite(value.logit):
+                        self.cache.put(key, value)
+        logits = np.array([scores[p].logit for p in request.passages], dtype=np.float32)
+        prompt_tokens = sum(scores[p].tokens for p in request.passages)
+        return RankResult(rankings=sort_rankings(logits, request.top_n), prompt_tokens=int(prompt_tokens))
+
+    async def _score(
+        self, query: str, passages: list[str], truncate: Truncate, window_budget: int, deadline: float | None
+    ) -> dict[str, CachedScore]:
+        """Tokenize and score `passages` (no repeats); a windowed passage gets the max over its windows."""
+        self.scorer.check_capacity()
         # The Rust tokenizer releases the GIL: run it in a worker thread so the event loop keeps serving.
-        sequences = await asyncio.to_thread(self.encoder.encode, request.query, unique, request.truncate)
+        if truncate is Truncate.WINDOW:
+            overlap = self.long_documents.overlap
+            groups = await asyncio.to_thread(self.encoder.encode_windows, query, passages, overlap, window_budget)
+        else:
+            sequences = await asyncio.to_thread(self.encoder.encode, query, passages, truncate)
+            groups = [[s] for s in sequences]
         remaining = None
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("the request did not finish within its deadline")
-        unique_logits = await self.scorer.submit(sequences, timeout=remaining)
-        order = [position[p] for p in request.passages]
-        logits = unique_logits[order]
-        prompt_tokens = sum(len(sequences[i]) for i in order)
-        return RankResult(rankings=sort_rankings(logits, request.top_n), prompt_tokens=int(prompt_tokens))
+        logits = await self.scorer.submit([s for group in groups for s in group], timeout=remaining)
+        out = {}
+        at = 0
+        for passage, group in zip(passages, groups, strict=True):
+            best = float(np.max(logits[at : at + len(group)]))
+            out[passage] = CachedScore(best, sum(len(s) for s in group), len(group))
+            at += len(group)
+        return out
 
 
 def _sigmoid(x: float) -> float:

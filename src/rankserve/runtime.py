@@ -7,9 +7,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from rankserve.cache import ScoreCache
 from rankserve.engines import Engine, create_engine
 from rankserve.model.checkpoint import MODEL_ALIASES, MODEL_ID, Checkpoint, open_checkpoint
-from rankserve.ranker import PairEncoder, Ranker
+from rankserve.ranker import LongDocuments, PairEncoder, Ranker
 from rankserve.scheduler import BatchPolicy, BatchStats, Scheduler
 from rankserve.settings import Settings
 
@@ -44,6 +45,12 @@ def batch_policy(settings: Settings, engine: Engine) -> BatchPolicy:
     )
 
 
+def long_documents(settings: Settings) -> LongDocuments:
+    return LongDocuments(
+        mode=settings.long_documents, overlap=settings.window_overlap, max_windows=settings.max_windows_per_request
+    )
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -52,6 +59,7 @@ class Runtime:
     encoder: PairEncoder
     scheduler: Scheduler
     ranker: Ranker
+    cache: ScoreCache | None = None  # this runtime's own: its keys carry this checkpoint's fingerprint
 
     @classmethod
     def load(
@@ -82,4 +90,12 @@ class Runtime:
         max_length = min(settings.max_seq_length, engine.info.max_length)
         encoder = PairEncoder.from_file(ckpt.tokenizer_file, ckpt.config.bos_token_id, max_length)
         scheduler = Scheduler(engine, batch_policy(settings, engine), on_batch=on_batch)
-        return cls(settings, ckpt, engine, encoder, scheduler, Ranker(encoder, scheduler))
+        cache = ScoreCache(settings.score_cache_size) if settings.score_cache_size else None
+        ranker = Ranker(
+            encoder,
+            scheduler,
+            long_documents=long_documents(settings),
+            cache=cache,
+            fingerprint=ckpt.fingerprint if cache is not None else "",
+        )
+        return cls(settings, ckpt, engine, encoder, scheduler, ranker, cache)

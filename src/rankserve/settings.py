@@ -59,6 +59,25 @@ class Settings(BaseSettings):
     max_passages: int = Field(512, ge=1, validation_alias=_env("max_passages"))
     request_timeout_seconds: float = Field(60.0, gt=0, validation_alias=_env("request_timeout_seconds"))
 
+    # Long documents and the score cache (see docs/configuration.md)
+    long_documents: Literal["truncate", "window"] = Field(
+        "truncate",
+        validation_alias=_env("long_documents"),
+        description="window: requests asking for truncate END get WINDOW (overlapping windows, max logit)",
+    )
+    window_overlap: float = Field(
+        0.125, ge=0, le=0.5, validation_alias=_env("window_overlap"), description="share of a window's passage tokens"
+    )
+    max_windows_per_request: int = Field(
+        2048,
+        ge=1,
+        validation_alias=_env("max_windows_per_request"),
+        description="sequences one WINDOW request may send (a passage that fits counts as one); more: 422",
+    )
+    score_cache_size: int = Field(
+        0, ge=0, validation_alias=_env("score_cache_size"), description="scores kept in the LRU cache; 0: off"
+    )
+
     # Batching (see docs/configuration.md for how the defaults were chosen)
     max_batch_size: int = Field(64, ge=1, validation_alias=_env("max_batch_size", "NIM_TRITON_MAX_BATCH_SIZE"))
     max_batch_tokens: int | None = Field(

@@ -5,9 +5,14 @@ Each app owns its registry (no global state): two apps in one process do not sha
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from rankserve.cache import CacheStats, ScoreCache
 from rankserve.engines.base import EngineInfo
 from rankserve.scheduler import BatchStats
 
@@ -51,11 +56,17 @@ class Metrics:
         )
         self.batch_failures = Counter("rankserve_batch_failures", "engine batches that failed", registry=r)
         self.engine_info = Info("rankserve_engine", "the engine in use", registry=r)
+        self.cache = CacheCollector()
+        r.register(self.cache)
 
     def set_engine(self, info: EngineInfo, model_id: str) -> None:
         self.engine_info.info(
             {"backend": info.backend, "device": info.device, "precision": info.precision, "model": model_id}
         )
+
+    def observe_cache(self, cache: ScoreCache | None) -> None:
+        """Export this score cache's counters (read at scrape time: nothing is added to the request path)."""
+        self.cache.cache = cache
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)
@@ -69,3 +80,18 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CacheCollector(Collector):
+    """The score cache's own counters, as Prometheus metrics (all zero while there is no cache)."""
+
+    def __init__(self) -> None:
+        self.cache: ScoreCache | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.cache.stats() if self.cache is not None else CacheStats(0, 0, 0, 0, 0)
+        yield CounterMetricFamily("rankserve_cache_hits", "score cache lookups that found the pair", value=s.hits)
+        yield CounterMetricFamily("rankserve_cache_misses", "score cache lookups that did not", value=s.misses)
+        yield CounterMetricFamily("rankserve_cache_evictions", "scores dropped to stay in bound", value=s.evictions)
+        yield GaugeMetricFamily("rankserve_cache_entries", "scores held in the cache", value=s.entries)
+        yield GaugeMetricFamily("rankserve_cache_max_entries", "the cache's bound (0: off)", value=s.max_entries)
