@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from rankserve import __version__
-from rankserve.api import errors
+from rankserve.api import cohere, errors, tei
 from rankserve.api.routes import router
 from rankserve.errors import NotReady, ShuttingDown
 from rankserve.model.checkpoint import Checkpoint
@@ -86,6 +86,7 @@ class AppState:
         runtime.scheduler.start()
         self.metrics.set_engine(runtime.engine.info, self.model_ids[0])
         self.metrics.queue_tokens.set_function(lambda: runtime.scheduler.queued_tokens)
+        self.metrics.observe_cache(runtime.cache)
         self.runtime = runtime
         log.info("ready: serving %s", ", ".join(self.model_ids))
 
@@ -126,6 +127,8 @@ def create_app(
     app.state.rs = state
     errors.install(app)
     app.include_router(router)
+    app.include_router(cohere.router)  # /v1/rerank (Cohere v1, Jina), /v2/rerank (Cohere v2)
+    app.include_router(tei.router)  # /rerank (text-embeddings-inference)
     # Outermost first: path fix-up, metrics, then the body limit right before routing.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
@@ -177,7 +180,7 @@ class MetricsMiddleware:
             label = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(label, str(status)).inc()
             self.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
-            reason = REJECTION_REASONS.get(status)
+            reason = scope.get("rankserve.rejection") or REJECTION_REASONS.get(status)
             if reason:
                 self.metrics.rejections.labels(reason).inc()
 
@@ -216,11 +219,11 @@ class BodyLimitMiddleware:
             scope["headers"] = [*scope.get("headers", []), (b"content-type", b"application/json")]
         elif content_type != b"application/json" and not content_type.endswith(b"+json"):
             message = f"Content-Type must be application/json, got {content_type.decode('latin-1')!r}"
-            await self._reject(send, 415, message, "unsupported_media_type")
+            await self._reject(send, 415, message, "unsupported_media_type", scope["path"])
             return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject_size(send)
+            await self._reject_size(send, scope["path"])
             return
         chunks: list[bytes] = []
         size = 0
@@ -232,7 +235,7 @@ class BodyLimitMiddleware:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                await self._reject_size(send)
+                await self._reject_size(send, scope["path"])
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -248,13 +251,13 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _reject_size(self, send: Any) -> None:
+    async def _reject_size(self, send: Any, path: str) -> None:
         message = f"request body exceeds the limit of {self.max_bytes} bytes"
-        await self._reject(send, 413, message, "body_too_large")
+        await self._reject(send, 413, message, "body_too_large", path)
 
     @staticmethod
-    async def _reject(send: Any, status: int, message: str, kind: str) -> None:
-        body = json.dumps(errors.error_body(status, message, kind)).encode()
+    async def _reject(send: Any, status: int, message: str, kind: str, path: str) -> None:
+        body = json.dumps(errors.error_body(status, message, kind, path)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rankserve import errors as e
+from rankserve.api import cohere, tei
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +28,35 @@ STATUS: dict[type[e.RankserveError], int] = {
 }
 
 
-def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
+# The other dialects' error bodies: the same body plus the key their clients read.
+COHERE_PATHS = (cohere.V1_PATH, cohere.V2_PATH)  # Cohere's SDK and docs: `message`
+TEI_ERROR_TYPES = {429: "overloaded", 503: "unhealthy", 500: "backend", 504: "backend"}  # else "validation"
+
+
+def error_body(status: int, message: str, kind: str, path: str | None = None) -> dict[str, Any]:
     # LangChain's NIM client reads `status`, `error`/`title` and `detail`; other clients read `error`.
-    return {"error": message, "detail": message, "status": status, "type": kind}
+    body: dict[str, Any] = {"error": message, "detail": message, "status": status, "type": kind}
+    if path in COHERE_PATHS:
+        body["message"] = message
+    elif path == tei.PATH:  # TEI: {"error", "error_type"}
+        body["error_type"] = TEI_ERROR_TYPES.get(status, "validation")
+    return body
 
 
-def error_response(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, kind), status_code=status, headers=headers)
+def error_response(
+    status: int, message: str, kind: str, headers: dict[str, str] | None = None, path: str | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, kind, path), status_code=status, headers=headers)
 
 
 def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
 
 
-def rankserve_error(exc: e.RankserveError) -> JSONResponse:
+def rankserve_error(exc: e.RankserveError, path: str | None = None) -> JSONResponse:
     status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+    if path == tei.PATH and isinstance(exc, e.InputTooLong):
+        status = 413  # TEI's status for an input over the limit without truncation
     headers = None
     if isinstance(exc, e.Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
@@ -49,7 +64,7 @@ def rankserve_error(exc: e.RankserveError) -> JSONResponse:
         headers = {"Retry-After": "5"}  # loading, broken or draining: try again later (or elsewhere)
     elif status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    return error_response(status, exc.message, _snake(type(exc).__name__), headers)
+    return error_response(status, exc.message, _snake(type(exc).__name__), headers, path)
 
 
 def describe_validation(errors: list[Any]) -> tuple[int, str]:
@@ -72,20 +87,23 @@ def describe_validation(errors: list[Any]) -> tuple[int, str]:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(e.RankserveError)
-    async def _rankserve(_: Request, exc: e.RankserveError) -> JSONResponse:
-        return rankserve_error(exc)
+    async def _rankserve(request: Request, exc: e.RankserveError) -> JSONResponse:
+        response = rankserve_error(exc, request.url.path)
+        if isinstance(exc, e.InputTooLong):
+            request.scope["rankserve.rejection"] = "validation"  # whatever the status (TEI: 413)
+        return response
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         status, message = describe_validation(list(exc.errors()))
-        return error_response(status, message, "invalid_request")
+        return error_response(status, message, "invalid_request", path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(exc.status_code, message, "http_error", getattr(exc, "headers", None))
+        return error_response(exc.status_code, message, "http_error", getattr(exc, "headers", None), request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error", "internal_error")
+        return error_response(500, "internal server error", "internal_error", path=request.url.path)

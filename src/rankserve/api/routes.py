@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from rankserve import __version__
+from rankserve.api import serving
+from rankserve.api.auth import auth
 from rankserve.api.schemas import (
     HostedRankingRequest,
     RankingEntry,
@@ -17,34 +17,13 @@ from rankserve.api.schemas import (
     RankingResponse,
     Usage,
 )
-from rankserve.errors import InvalidRequest, Unauthorized, UnknownModel
-from rankserve.ranker import RankRequest, RankResult, Truncate
+from rankserve.ranker import Truncate
 
 router = APIRouter()
 
 
 def _state(request: Request) -> Any:
-    return request.app.state.rs
-
-
-def _check_key(request: Request) -> None:
-    key = _state(request).settings.api_key
-    if not key:
-        return  # auth off: whatever Authorization header a client sends is ignored
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise Unauthorized("a valid API key is required: send `Authorization: Bearer <key>`")
-
-
-def auth(group: str | None) -> Any:
-    """Inference routes (group None) always need the key when one is set; others unless listed as public."""
-
-    def dependency(request: Request) -> None:
-        if group is None or group not in _state(request).settings.auth_public_routes:
-            _check_key(request)
-
-    return Depends(dependency)
+    return serving.app_state(request)
 
 
 # -- ranking -------------------------------------------------------------------------------------------------
@@ -62,41 +41,21 @@ async def ranking(body: RankingRequest, request: Request) -> Any:
     dependencies=[auth(None)],
 )
 async def hosted_ranking(slug: str, body: HostedRankingRequest, request: Request) -> Any:
-    _resolve_model(request, f"nvidia/{slug}", slug=True)
+    serving.resolve_model(request, f"nvidia/{slug}", slug=True)
     return await _rank(request, body, top_n=body.top_k)
 
 
-def _resolve_model(request: Request, name: str | None, *, slug: bool = False) -> str:
-    ids: list[str] = _state(request).model_ids
-    # In the hosted-style URL the slug follows `nvidia/`; a served name of our own may have no such prefix.
-    if name is None or name in ids or (slug and name.removeprefix("nvidia/") in ids):
-        return ids[0]
-    raise UnknownModel(f"model {name!r} is not served here; this server serves {', '.join(repr(i) for i in ids)}")
-
-
 async def _rank(request: Request, body: RankingRequest, top_n: int | None) -> Any:
-    state = _state(request)
-    runtime = state.require_runtime()
-    _resolve_model(request, body.model)
-    limit = state.settings.max_passages
-    if len(body.passages) > limit:
-        raise InvalidRequest(f"passages: at most {limit} passages per request, got {len(body.passages)}")
-    rank_request = RankRequest(
+    result = await serving.rank(
+        request,
+        model=body.model,
         query=body.query.text,
         passages=[p.text for p in body.passages],
         truncate=Truncate(body.truncate),
         top_n=top_n,
-        timeout=state.settings.request_timeout_seconds,
     )
-    state.metrics.in_flight.inc()
-    try:
-        result = await _unless_disconnected(request, runtime.ranker.rank(rank_request))
-    finally:
-        state.metrics.in_flight.dec()
     if result is None:
-        return Response(status_code=499)  # client closed the connection; nobody reads this
-    state.metrics.passages.inc(len(body.passages))
-    state.metrics.tokens.inc(result.prompt_tokens)
+        return serving.client_gone()
     return RankingResponse(
         rankings=[
             RankingEntry(index=r.index, logit=r.logit, score=r.probability if body.sigmoid else None)
@@ -104,27 +63,6 @@ async def _rank(request: Request, body: RankingRequest, top_n: int | None) -> An
         ],
         usage=Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
     )
-
-
-async def _unless_disconnected(request: Request, work: Any) -> RankResult | None:
-    """Run `work`; if the client disconnects first, cancel it (its queued sequences are dropped) → None."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        return None
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 # -- discovery, health, metadata, metrics -----------------------------------------------------------------------

@@ -20,7 +20,11 @@ class RankingRequest(BaseModel):
     model: str | None = Field(None, description="served model id or alias; omitted: the served model")
     query: TextItem
     passages: list[TextItem] = Field(min_length=1)
-    truncate: Literal["NONE", "END"] = Field("NONE", description="NONE: over-length pairs are a 422; END: cut")
+    truncate: Literal["NONE", "END", "WINDOW"] = Field(
+        "NONE",
+        description="NONE: over-length pairs are a 422; END: cut; WINDOW (rankserve extension): overlapping windows, "
+        "max logit",
+    )
     # rankserve extension (the NIM does not know it): add `score` = sigmoid(logit) to each ranking.
     sigmoid: bool = Field(False, description="rankserve extension: also return sigmoid(logit) as `score`")
 
