@@ -1,4 +1,5 @@
-"""`rankserve serve` (the HTTP server) and `rankserve score` (rank passages from the command line)."""
+"""`rankserve serve` (the HTTP server), `rankserve score` (rank passages from the command line) and `rankserve eval`
+(measure a server on a BEIR-format dataset)."""
 
 from __future__ import annotations
 
@@ -183,6 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     p_score.add_argument("--json", action="store_true", help="print the ranking as JSON")
     _settings_flags(p_score, skip=("host", "port", "api_key", "auth_public_routes", "shutdown_drain_seconds"))
     p_score.set_defaults(func=score)
+
+    from rankserve.eval import command as eval_command  # stdlib only; the eval deps load when it runs
+
+    p_eval = sub.add_parser("eval", help="measure a reranking server on a BEIR-format dataset (docs/evaluation.md)")
+    eval_command.add_arguments(p_eval)
+    p_eval.set_defaults(func=eval_command.run)
 
     args = parser.parse_args(argv)
     sys.exit(args.func(args))
