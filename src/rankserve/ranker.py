@@ -107,6 +107,14 @@ class PairEncoder:
             out[i] = [self._sequence(w.ids[1:]) for w in found]
         return out
 
+    def cut_passages(self, passages: Sequence[str], max_tokens: int) -> list[str]:
+        """Each passage cut to the text of its first `max_tokens` tokens (tokenized on its own)."""
+        encodings = self.tokenizer.encode_batch(list(passages), add_special_tokens=False)
+        return [
+            p if len(e.ids) <= max_tokens else p[: e.offsets[max_tokens - 1][1]]
+            for p, e in zip(passages, encodings, strict=True)
+        ]
+
     def window_room(self, query: str) -> int:
         """Passage tokens a window aims at: what BOS, the template and the query leave of `max_length`."""
         return self.max_length - 1 - len(self._pair_ids(query, [""])[0])
@@ -150,6 +158,8 @@ class RankRequest:
     truncate: Truncate = Truncate.NONE
     top_n: int | None = None
     timeout: float | None = None
+    # Each passage cut to its first N tokens (tokenized alone) before the template (Cohere v2 `max_tokens_per_doc`).
+    max_passage_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -182,7 +192,7 @@ class LongDocuments:
 
     mode: Literal["truncate", "window"] = "truncate"  # "window": requests asking for END get WINDOW
     overlap: float = 0.125  # share of a window's passage tokens repeated in the next window
-    max_windows: int = 2048  # sequences per request in WINDOW mode (a passage that fits counts as one)
+    max_windows: int = 1024  # sequences per request in WINDOW mode (a passage that fits counts as one)
 
     def effective(self, truncate: Truncate) -> Truncate:
         return Truncate.WINDOW if truncate is Truncate.END and self.mode == "window" else truncate
@@ -211,9 +221,12 @@ class Ranker:
     async def rank(self, request: RankRequest) -> RankResult:
         deadline = None if request.timeout is None else time.monotonic() + request.timeout
         truncate = self.long_documents.effective(request.truncate)
+        passages = request.passages
+        if request.max_passage_tokens is not None:
+            passages = await asyncio.to_thread(self.encoder.cut_passages, passages, request.max_passage_tokens)
         # A passage repeated within a request is scored once: identical passages get identical logits (so
         # their order is the index order) and the engine does no duplicate work. `usage` still counts each.
-        unique = list(dict.fromkeys(request.passages))
+        unique = list(dict.fromkeys(passages))
         scores: dict[str, CachedScore] = {}
         keys: list[bytes] = []
         if self.cache is not None and self._keys is not None:
@@ -234,8 +247,8 @@ class Ranker:
                     value = fresh.get(passage)
                     if value is not None and math.isfinite(value.logit):
                         self.cache.put(key, value)
-        logits = np.array([scores[p].logit for p in request.passages], dtype=np.float32)
-        prompt_tokens = sum(scores[p].tokens for p in request.passages)
+        logits = np.array([scores[p].logit for p in passages], dtype=np.float32)
+        prompt_tokens = sum(scores[p].tokens for p in passages)
         return RankResult(rankings=sort_rankings(logits, request.top_n), prompt_tokens=int(prompt_tokens))
 
     async def _score(

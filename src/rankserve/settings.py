@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         0.125, ge=0, le=0.5, validation_alias=_env("window_overlap"), description="share of a window's passage tokens"
     )
     max_windows_per_request: int = Field(
-        2048,
+        1024,
         ge=1,
         validation_alias=_env("max_windows_per_request"),
         description="sequences one WINDOW request may send (a passage that fits counts as one); more: 422",

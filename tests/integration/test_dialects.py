@@ -10,7 +10,7 @@ import cohere
 import httpx
 import pytest
 
-from tests.integration._support import MODEL_ID, ServerThread, assert_error, metric, ranking_body
+from tests.integration._support import MODEL_ID, Reference, ServerThread, assert_error, metric, ranking_body
 
 QUERY = "which way should i go?"
 DOCS = [
@@ -183,7 +183,7 @@ def test_top_n(server: ServerThread, path: str) -> None:
         ("/v1/rerank", {"rank_fields": ["title"]}, "rank_fields"),
         ("/v2/rerank", {"query": None}, "query"),
         ("/v2/rerank", {"documents": []}, "documents"),
-        ("/v2/rerank", {"max_tokens_per_doc": 512}, "max_tokens_per_doc"),
+        ("/v2/rerank", {"max_tokens_per_doc": 0}, "max_tokens_per_doc"),
         ("/rerank", {"query": ""}, "query"),
         ("/rerank", {"texts": []}, "texts"),
         ("/rerank", {"texts": ["a", ""]}, "texts.1"),
@@ -232,9 +232,21 @@ def test_long_documents_are_cut_like_nim_end(limits_server: ServerThread) -> Non
     ]
 
 
-def test_max_tokens_per_doc_below_the_window_is_rejected(limits_server: ServerThread) -> None:
-    r = post(limits_server, "/v2/rerank", dialect_body("/v2/rerank", ["a"], max_tokens_per_doc=63))
-    assert_error(r, 422, "max_tokens_per_doc", "64")
+def test_max_tokens_per_doc_cuts_each_document_to_its_first_tokens(server: ServerThread, reference: Reference) -> None:
+    docs = [LONG, "tiny", "a medium passage about roads and choices, somewhat longer than the cut"]
+    n = 7
+    cut = []
+    for doc in docs:  # independently: the text of the document's first n tokens, tokenized on its own
+        enc = reference.tokenizer.encode(doc, add_special_tokens=False)
+        cut.append(doc if len(enc.ids) <= n else doc[: enc.offsets[n - 1][1]])
+    expected = nim(server, cut)["rankings"]
+    r = post(server, "/v2/rerank", dialect_body("/v2/rerank", docs, max_tokens_per_doc=n))
+    assert r.status_code == 200, r.text
+    got = scored("/v2/rerank", r.json())
+    assert [i for i, _ in got] == [e["index"] for e in expected]
+    assert all(s == pytest.approx(sigmoid(e["logit"]), abs=TOL) for (_, s), e in zip(got, expected, strict=True))
+    uncut = scored("/v2/rerank", post(server, "/v2/rerank", dialect_body("/v2/rerank", docs)).json())
+    assert dict(uncut)[0] != pytest.approx(dict(got)[0], abs=TOL)  # the cut changed the long document's score
 
 
 def test_tei_over_length_without_truncate_is_a_413(limits_server: ServerThread) -> None:

@@ -272,3 +272,23 @@ def test_against_real_rankserve(
         assert all(0.0 <= v <= 1.0 for v in report["metrics"][column].values())
     assert all(p["status"] == "reranked" for p in report["per_query"].values())
     assert_close(report["metrics"]["first_stage"], bm25_expectations(fx, 5, fx.evaluated)[0])
+
+
+def test_a_candidate_without_text_ranks_last_and_fails_nothing(
+    fake: Fake, fx: Fixture, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with (fx.root / "corpus.jsonl").open("a") as f:
+        f.write(json.dumps({"_id": "dempty", "title": "", "text": ""}) + "\n")
+    run = tmp_path / "dense.trec"
+    docs = ["dempty", *block(1)]
+    run.write_text("".join(f"q1 Q0 {d} {r + 1} {100 - r} dense\n" for r, d in enumerate(docs)))
+    code, _out, err = run_cli(
+        capsys, "--data", str(fx.root), "--server", fake.url, "--first-stage", "run", str(run), "--top-k", "7",
+        "--output", str(tmp_path / "r.json"), "--no-cache", "--no-title",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["failures"] == [] and report["per_query"]["q1"]["status"] == "reranked"
+    first = docs[:7]
+    reranked = [*oracle_order(fx.qrels, "q1", first[1:]), "dempty"]
+    assert_close(report["per_query"]["q1"]["reranked"], expected({"q1": fx.qrels["q1"]}, {"q1": reranked}))

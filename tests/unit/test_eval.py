@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from rankserve.eval import metrics
-from rankserve.eval.cache import ScoreCache, input_hash
+from rankserve.eval.cache import RunCache, input_hash
 from rankserve.eval.client import (
     Dialect,
     RerankClient,
@@ -361,16 +361,16 @@ def test_cache_round_trip_and_keys(tmp_path: Path) -> None:
     key = {"server": "http://s", "model": "m", "dialect": "nim", "top_k": 5}
     h = input_hash("q", ["d1", "d2"], ["a", "b"])
     assert h != input_hash("q", ["d1", "d2"], ["a", "b "]) != input_hash("q", ["d2", "d1"], ["a", "b"])
-    cache = ScoreCache(path, key)
+    cache = RunCache(path, key)
     cache.put("q1", h, ["d1", "d2"], [0.5, -1.0])
     cache.close()
     with path.open("a") as f:
         f.write('{"server": "http://s", "trunc')  # a line cut short by a crash
-    again = ScoreCache(path, key)
+    again = RunCache(path, key)
     assert again.get("q1", h) == [0.5, -1.0] and again.get("q1", "other") is None and again.unreadable == 1
-    assert ScoreCache(path, {**key, "top_k": 6}).get("q1", h) is None
-    assert ScoreCache(path, {**key, "model": "n"}).get("q1", h) is None
-    assert ScoreCache(None, key).get("q1", h) is None
+    assert RunCache(path, {**key, "top_k": 6}).get("q1", h) is None
+    assert RunCache(path, {**key, "model": "n"}).get("q1", h) is None
+    assert RunCache(None, key).get("q1", h) is None
 
 
 # -- CLI ------------------------------------------------------------------------------------------------------------

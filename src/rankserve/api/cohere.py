@@ -62,12 +62,16 @@ class RerankV1Request(RerankRequest):
 
     return_documents: bool | None = Field(None, description="echo each document (default true)")
     rank_fields: list[str] | None = Field(None, description="only `['text']` is supported")
-    max_chunks_per_doc: int | None = Field(None, ge=1, description="accepted and ignored: long documents are cut")
+    max_chunks_per_doc: int | None = Field(
+        None,
+        ge=1,
+        description="accepted and ignored: long documents are cut (windowed with long_documents=window)",
+    )
 
 
 class RerankV2Request(RerankRequest):
     max_tokens_per_doc: int | None = Field(
-        None, ge=1, description="at least the maximum sequence length (cut at the end); lower values are a 422"
+        None, ge=1, description="each document is cut to its first N tokens before scoring (then END truncation)"
     )
 
 
@@ -136,14 +140,7 @@ async def rerank_v1(body: RerankV1Request, request: Request) -> Any:
 
 @router.post(V2_PATH, response_model=RerankV2Response, response_model_exclude_none=True)
 async def rerank_v2(body: RerankV2Request, request: Request) -> Any:
-    if body.max_tokens_per_doc is not None:
-        window = serving.max_seq_length(request)
-        if body.max_tokens_per_doc < window:
-            raise InvalidRequest(
-                f"max_tokens_per_doc: values below the maximum sequence length ({window} tokens, query and "
-                f"template included) are not supported, got {body.max_tokens_per_doc}; omit it or send >= {window}"
-            )
-    result = await _rank(request, body, Truncate.END)
+    result = await _rank(request, body, Truncate.END, max_passage_tokens=body.max_tokens_per_doc)
     if result is None:
         return serving.client_gone()
     return RerankV2Response(
@@ -153,7 +150,9 @@ async def rerank_v2(body: RerankV2Request, request: Request) -> Any:
     )
 
 
-async def _rank(request: Request, body: RerankRequest, truncate: Truncate) -> RankResult | None:
+async def _rank(
+    request: Request, body: RerankRequest, truncate: Truncate, max_passage_tokens: int | None = None
+) -> RankResult | None:
     return await serving.rank(
         request,
         model=body.model,
@@ -162,6 +161,7 @@ async def _rank(request: Request, body: RerankRequest, truncate: Truncate) -> Ra
         truncate=truncate,
         top_n=body.top_n,
         field="documents",
+        max_passage_tokens=max_passage_tokens,
     )
 
 

@@ -22,10 +22,6 @@ from rankserve.ranker import Truncate
 router = APIRouter()
 
 
-def _state(request: Request) -> Any:
-    return serving.app_state(request)
-
-
 # -- ranking -------------------------------------------------------------------------------------------------
 
 
@@ -70,7 +66,7 @@ async def _rank(request: Request, body: RankingRequest, top_n: int | None) -> An
 
 @router.get("/v1/models", dependencies=[auth("models")])
 async def models(request: Request) -> dict[str, Any]:
-    state = _state(request)
+    state = serving.app_state(request)
     created = int(state.started_at)
     primary = state.model_ids[0]
     # Aliases point at the primary id; the primary entry's root is its own id (LangChain picks by it).
@@ -88,7 +84,7 @@ async def live() -> dict[str, str]:
 
 @router.get("/v1/health/ready", dependencies=[auth("health")])
 async def ready(request: Request) -> JSONResponse:
-    reason = _state(request).not_ready_reason
+    reason = serving.app_state(request).not_ready_reason
     if reason is None:
         return JSONResponse({"object": "health.response", "message": "Service is ready.", "status": "ready"})
     body = {"object": "health.response", "message": f"Service is not ready: {reason}.", "status": "not_ready"}
@@ -97,7 +93,7 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/v1/metadata", dependencies=[auth("metadata")])
 async def metadata(request: Request) -> dict[str, Any]:
-    state = _state(request)
+    state = serving.app_state(request)
     settings = state.settings
     runtime = state.runtime
     engine = runtime.engine.info if runtime is not None else None
@@ -123,5 +119,5 @@ async def metadata(request: Request) -> dict[str, Any]:
 @router.get("/v1/metrics", dependencies=[auth("metrics")])
 @router.get("/metrics", dependencies=[auth("metrics")], include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    m = _state(request).metrics
+    m = serving.app_state(request).metrics
     return Response(m.render(), media_type=m.content_type)

@@ -42,6 +42,7 @@ async def rank(
     truncate: Truncate,
     top_n: int | None = None,
     field: str = "passages",
+    max_passage_tokens: int | None = None,
 ) -> RankResult | None:
     """Rank `passages` for `query`. None when the client disconnected first (answer with `client_gone()`).
 
@@ -59,6 +60,7 @@ async def rank(
         truncate=truncate,
         top_n=top_n,
         timeout=state.settings.request_timeout_seconds,
+        max_passage_tokens=max_passage_tokens,
     )
     state.metrics.in_flight.inc()
     try:

@@ -20,7 +20,7 @@ def input_hash(query: str, doc_ids: list[str], passages: list[str]) -> str:
     return h.hexdigest()
 
 
-class ScoreCache:
+class RunCache:
     def __init__(self, path: Path | None, key: dict[str, Any]) -> None:
         self.path = path
         self.key = key  # server, model, dialect, top_k

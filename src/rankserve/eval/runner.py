@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rankserve.eval import metrics
-from rankserve.eval.cache import ScoreCache, input_hash
+from rankserve.eval.cache import RunCache, input_hash
 from rankserve.eval.client import DEFAULT_MODEL, Dialect, RerankClient, RerankFailed, RetryPolicy
 from rankserve.eval.data import Dataset, EvalError, load_beir
 from rankserve.eval.first_stage import Run, bm25, read_trec_run
@@ -61,8 +61,11 @@ def first_stage_run(opts: EvalOptions, dataset: Dataset, query_ids: list[str]) -
     raise EvalError(f"unknown first stage {opts.first_stage!r} (bm25 or run)")
 
 
+EMPTY_PASSAGE_SCORE = float("-inf")
+
+
 async def rerank_all(
-    opts: EvalOptions, dataset: Dataset, candidates: dict[str, list[str]], cache: ScoreCache
+    opts: EvalOptions, dataset: Dataset, candidates: dict[str, list[str]], cache: RunCache
 ) -> Reranked:
     from tqdm import tqdm
 
@@ -98,8 +101,13 @@ async def rerank_all(
 
         async def one(qid: str, passages: list[str], digest: str) -> None:
             async with limit:
+                # Rerank APIs reject empty texts: a candidate with no text is not sent and ranks last.
+                sent = [i for i, p in enumerate(passages) if p]
                 try:
-                    scores = await client.scores(dataset.queries[qid], passages)
+                    got = await client.scores(dataset.queries[qid], [passages[i] for i in sent]) if sent else []
+                    scores = [EMPTY_PASSAGE_SCORE] * len(passages)
+                    for i, s in zip(sent, got, strict=True):
+                        scores[i] = s
                 except RerankFailed as e:
                     out.failures[qid] = str(e)
                 else:
@@ -127,6 +135,8 @@ def rerank_order(doc_ids: list[str], scores: list[float]) -> list[str]:
 def run_eval(opts: EvalOptions) -> dict[str, Any]:
     if opts.top_k < 1:
         raise EvalError("--top-k must be at least 1")
+    if not opts.server.startswith(("http://", "https://")):
+        raise EvalError(f"--server must be an http:// or https:// URL, got {opts.server!r}")
     dataset = load_beir(opts.data, opts.split)
     query_ids = dataset.query_ids
     if opts.max_queries is not None:
@@ -135,7 +145,7 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     candidates = {q: [d for d, _ in run.get(q, [])] for q in query_ids}
     model = None if opts.dialect is Dialect.TEI else (opts.model or DEFAULT_MODEL)
     key = {"server": opts.server.rstrip("/"), "model": model, "dialect": opts.dialect.value, "top_k": opts.top_k}
-    cache = ScoreCache(opts.cache, key)
+    cache = RunCache(opts.cache, key)
     try:
         reranked = asyncio.run(rerank_all(opts, dataset, candidates, cache))
     finally:
