@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from rankserve.engines.base import Engine
+from rankserve.engines.base import Engine, EngineOutOfMemory
 from rankserve.errors import DeadlineExceeded, EngineFailure, Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ class Scheduler:
         try:
             loop = asyncio.get_running_loop()
             logits = await loop.run_in_executor(
-                self._executor, clock.run_unless_finished, jobs, self.engine.score, ids, lengths
+                self._executor, clock.run_unless_finished, jobs, self._score_splitting, ids, lengths
             )
             if logits is None:  # every request in the batch finished while it waited: nothing computed
                 return
@@ -329,6 +329,22 @@ class Scheduler:
             old = self._tokens_per_second
             self._tokens_per_second = rate if not old else 0.8 * old + 0.2 * rate
         self._deliver(batch, logits)
+
+    def _score_splitting(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """`engine.score`, halving the batch (each half trimmed to its own longest) while it runs out of memory.
+
+        Runs in the engine thread. A single sequence that does not fit fails its batch as any engine error does.
+        """
+        try:
+            return self.engine.score(ids, lengths)
+        except EngineOutOfMemory:
+            if len(lengths) == 1:
+                raise
+            half = len(lengths) // 2
+            log.warning("out of memory on a batch of %d × %d; retrying as two halves", *ids.shape)
+            first = self._score_splitting(ids[:half, : int(lengths[:half].max())], lengths[:half])
+            second = self._score_splitting(ids[half:, : int(lengths[half:].max())], lengths[half:])
+            return np.concatenate([np.asarray(first, dtype=np.float32), np.asarray(second, dtype=np.float32)])
 
     def _observe(self, batch: list[_Item], clock: _Clock, lengths: np.ndarray, ids: np.ndarray, ok: bool) -> None:
         if self._on_batch is None or not clock.started:

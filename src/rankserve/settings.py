@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         validation_alias=_env("auth_public_routes"),
         description="route groups reachable without the API key when one is set",
     )
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=_env("cors_allow_origins"),
+        description="browser origins allowed to call the API (comma-separated, `*` for any); empty: CORS off",
+    )
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, validation_alias=_env("max_body_bytes"))
     shutdown_drain_seconds: float = Field(
         0.0,
@@ -91,7 +96,7 @@ class Settings(BaseSettings):
     min_batch_fill: float = Field(0.9, gt=0, le=1, validation_alias=_env("min_batch_fill"))
     warmup: bool = Field(True, validation_alias=_env("warmup"))
 
-    @field_validator("served_model_name", "auth_public_routes", mode="before")
+    @field_validator("served_model_name", "auth_public_routes", "cors_allow_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

@@ -454,3 +454,21 @@ def test_other_http_errors_are_json(server: ServerThread, method: str, path: str
     with server.client() as client:
         r = client.request(method, path, json=GOOD if method == "POST" else None)
     assert_error(r, status)
+
+
+def test_cors_is_off_by_default_and_on_when_configured(
+    server: ServerThread, tiny_checkpoint_dir, tiny_checkpoint
+) -> None:
+    from tests.integration._support import running, tiny_settings
+
+    origin = {"Origin": "https://app.example"}
+    preflight = {**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    with server.client() as client:
+        assert "access-control-allow-origin" not in client.get("/v1/models", headers=origin).headers
+        assert "access-control-allow-origin" not in client.options("/v1/ranking", headers=preflight).headers
+    settings = tiny_settings(tiny_checkpoint_dir, cors_allow_origins="https://app.example", warmup=False)
+    with running(ServerThread(settings, checkpoint=tiny_checkpoint)) as cors, cors.client() as client:
+        r = client.options("/v1/ranking", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.get("/v1/models", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

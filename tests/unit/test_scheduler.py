@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from rankserve.engines.base import EngineInfo
+from rankserve.engines.base import EngineInfo, EngineOutOfMemory
 from rankserve.errors import DeadlineExceeded, EngineFailure, Overloaded
 from rankserve.scheduler import BatchPolicy, BatchStats, Scheduler
 
@@ -25,12 +25,15 @@ class FakeEngine:
         self.batches: list[tuple[int, int]] = []  # (rows, padded length)
         self.rows_scored = 0
         self.fail_when = lambda ids, lengths: False
+        self.max_rows: int | None = None  # more rows than this: out of memory
         self.nan_when = lambda ids, lengths: False
         self.gate: threading.Event | None = None
 
     def score(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         if self.gate is not None:
             self.gate.wait(10)
+        if self.max_rows is not None and ids.shape[0] > self.max_rows:
+            raise EngineOutOfMemory(f"{ids.shape[0]} rows")
         if self.delay:
             time.sleep(self.delay)
         self.batches.append(ids.shape)
@@ -318,3 +321,31 @@ def test_a_failing_telemetry_hook_does_not_hang_requests() -> None:
             await s.close()
 
     np.testing.assert_array_equal(run(body(None)), [3, 4])
+
+
+def test_out_of_memory_splits_the_batch_and_retries_smaller() -> None:
+    engine = FakeEngine()
+    engine.max_rows = 3
+    seqs = [seq(n, v) for v, n in enumerate([5, 9, 7, 30, 6, 8, 12, 4], start=1)]
+    stats: list[BatchStats] = []
+
+    async def body(s: Scheduler):
+        return await s.submit(seqs)
+
+    got = run(with_scheduler(engine, BatchPolicy(max_batch_size=8, max_batch_tokens=4096, min_fill=0.1), body, stats))
+    np.testing.assert_array_equal(got, expected(seqs))
+    assert all(rows <= 3 for rows, _ in engine.batches)
+    assert all(st.ok for st in stats)
+
+
+def test_out_of_memory_on_a_single_sequence_fails_only_that_request() -> None:
+    engine = FakeEngine()
+    engine.max_rows = 0
+
+    async def body(s: Scheduler):
+        with pytest.raises(EngineFailure):
+            await s.submit([seq(5)])
+        engine.max_rows = None
+        return await s.submit([seq(2)])
+
+    np.testing.assert_array_equal(run(with_scheduler(engine, BatchPolicy(), body)), [2])

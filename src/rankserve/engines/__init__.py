@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rankserve.engines.base import Engine, EngineInfo
+from rankserve.engines.base import Engine, EngineInfo, EngineOutOfMemory
 from rankserve.model.checkpoint import Checkpoint
 
 BACKENDS = ("auto", "torch")
@@ -19,4 +19,4 @@ def create_engine(ckpt: Checkpoint, *, backend: str, device: str, dtype: str, ma
     return TorchEngine.from_checkpoint(ckpt, device=device, dtype=dtype, max_length=max_length)
 
 
-__all__ = ["BACKENDS", "Engine", "EngineInfo", "create_engine"]
+__all__ = ["BACKENDS", "Engine", "EngineInfo", "EngineOutOfMemory", "create_engine"]

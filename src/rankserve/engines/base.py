@@ -18,13 +18,18 @@ class EngineInfo:
     preferred_batch_tokens: int  # padded tokens per batch where throughput peaks (the scheduler's default budget)
 
 
+class EngineOutOfMemory(RuntimeError):
+    """The device ran out of memory on this batch; a smaller batch may fit (the scheduler splits and retries)."""
+
+
 class Engine(Protocol):
     info: EngineInfo
 
     def score(self, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """`input_ids` int `[B, S]` right-padded, `lengths` int `[B]` → float32 logits `[B]`.
 
-        Called from one worker thread at a time (the scheduler's), never from the event loop.
+        Called from one worker thread at a time (the scheduler's), never from the event loop. Raises
+        `EngineOutOfMemory` when the batch does not fit in device memory.
         """
         ...
 

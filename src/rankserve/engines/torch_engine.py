@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import torch
 
-from rankserve.engines.base import EngineInfo
+from rankserve.engines.base import EngineInfo, EngineOutOfMemory
 from rankserve.model.checkpoint import Checkpoint, load_model
 from rankserve.model.llama import Reranker
 
@@ -64,9 +64,14 @@ class TorchEngine:
 
     @torch.inference_mode()
     def score(self, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device, non_blocking=True)
-        lens = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)).to(self.device, non_blocking=True)
-        return self.model(ids, lens).float().cpu().numpy()
+        try:
+            ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device, non_blocking=True)
+            lens = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)).to(self.device, non_blocking=True)
+            return self.model(ids, lens).float().cpu().numpy()
+        except torch.cuda.OutOfMemoryError as e:  # raised for any CUDA device; CPU allocation failures differ
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # give back what the failed batch held before a smaller one runs
+            raise EngineOutOfMemory(f"{self.device} out of memory on a batch of {input_ids.shape}") from e
 
     def warmup(self) -> None:
         for batch, seqlen in ((1, 8), (4, 64)):
