@@ -15,7 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from rankserve.api import serving
 from rankserve.api.auth import auth
-from rankserve.api.schemas import Usage
+from rankserve.api.schemas import ERROR_RESPONSES, Usage
 from rankserve.errors import InvalidRequest
 from rankserve.ranker import RankResult, Truncate
 
@@ -23,7 +23,7 @@ V1_PATH = "/v1/rerank"
 V2_PATH = "/v2/rerank"
 DOCUMENTS_PER_SEARCH_UNIT = 100  # Cohere bills one search unit per query with up to 100 documents
 
-router = APIRouter(dependencies=[auth(None)])
+router = APIRouter(dependencies=[auth(None)], responses=ERROR_RESPONSES)
 
 
 def _text_object(value: Any) -> Any:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from rankserve import __version__
 from rankserve.api import serving
 from rankserve.api.auth import auth
 from rankserve.api.schemas import (
+    ERROR_RESPONSES,
     HostedRankingRequest,
     RankingEntry,
     RankingRequest,
@@ -25,7 +26,13 @@ router = APIRouter()
 # -- ranking -------------------------------------------------------------------------------------------------
 
 
-@router.post("/v1/ranking", response_model=RankingResponse, response_model_exclude_none=True, dependencies=[auth(None)])
+@router.post(
+    "/v1/ranking",
+    response_model=RankingResponse,
+    response_model_exclude_none=True,
+    dependencies=[auth(None)],
+    responses=ERROR_RESPONSES,
+)
 async def ranking(body: RankingRequest, request: Request) -> Any:
     return await _rank(request, body, top_n=None)
 
@@ -35,6 +42,7 @@ async def ranking(body: RankingRequest, request: Request) -> Any:
     response_model=RankingResponse,
     response_model_exclude_none=True,
     dependencies=[auth(None)],
+    responses=ERROR_RESPONSES,
 )
 async def hosted_ranking(slug: str, body: HostedRankingRequest, request: Request) -> Any:
     serving.resolve_model(request, f"nvidia/{slug}", slug=True)
@@ -116,7 +124,7 @@ async def metadata(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/metrics", dependencies=[auth("metrics")])
+@router.get("/v1/metrics", dependencies=[auth("metrics")], response_class=PlainTextResponse)
 @router.get("/metrics", dependencies=[auth("metrics")], include_in_schema=False)
 async def metrics(request: Request) -> Response:
     m = serving.app_state(request).metrics

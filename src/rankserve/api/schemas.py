@@ -49,3 +49,32 @@ class Usage(BaseModel):
 class RankingResponse(BaseModel):
     rankings: list[RankingEntry]
     usage: Usage
+
+
+class ErrorBody(BaseModel):
+    """Every error response (docs/api.md, "Errors"). Dialect routes add their clients' key (`message`,
+    `error_type`)."""
+
+    model_config = ConfigDict(extra="allow")
+    error: str
+    detail: str
+    status: int
+    type: str
+
+
+# Declared in the OpenAPI schema of the inference routes (replacing FastAPI's default 422 body, which is not ours).
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "the body is not valid JSON",
+        401: "API key missing or wrong",
+        404: "unknown model",
+        413: "body over the size limit (TEI: also an over-length pair)",
+        415: "Content-Type is not JSON",
+        422: "a field is missing or invalid",
+        429: "the queue is full (Retry-After)",
+        500: "the engine failed on this request's batch",
+        503: "loading, broken or shutting down (Retry-After)",
+        504: "the request's deadline passed",
+    }.items()
+}

@@ -13,12 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rankserve.api import serving
 from rankserve.api.auth import auth
+from rankserve.api.schemas import ERROR_RESPONSES
 from rankserve.errors import InvalidRequest
 from rankserve.ranker import Truncate
 
 PATH = "/rerank"
 
-router = APIRouter(dependencies=[auth(None)])
+router = APIRouter(dependencies=[auth(None)], responses=ERROR_RESPONSES)
 
 
 class TeiRerankRequest(BaseModel):
