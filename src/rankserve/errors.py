@@ -71,5 +71,9 @@ class DeadlineExceeded(RankserveError):
     """The request did not finish within its deadline."""
 
 
+class ClientGone(RankserveError):
+    """The client disconnected before its answer was ready; its remaining work was dropped."""
+
+
 class EngineFailure(RankserveError):
     """The engine failed on a batch that contained this request's work."""

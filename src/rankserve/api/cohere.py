@@ -118,8 +118,6 @@ async def rerank_v1(body: RerankV1Request, request: Request) -> Any:
     if body.rank_fields not in (None, ["text"]):
         raise InvalidRequest(f"rank_fields: only ['text'] is supported, got {body.rank_fields!r}")
     result = await _rank(request, body, Truncate.END)
-    if result is None:
-        return serving.client_gone()
     echo = body.return_documents is not False
     results = [
         RerankResult(
@@ -141,8 +139,6 @@ async def rerank_v1(body: RerankV1Request, request: Request) -> Any:
 @router.post(V2_PATH, response_model=RerankV2Response, response_model_exclude_none=True)
 async def rerank_v2(body: RerankV2Request, request: Request) -> Any:
     result = await _rank(request, body, Truncate.END, max_passage_tokens=body.max_tokens_per_doc)
-    if result is None:
-        return serving.client_gone()
     return RerankV2Response(
         id=str(uuid.uuid4()),
         results=[RerankResult(index=r.index, relevance_score=r.probability) for r in result.rankings],
@@ -152,7 +148,7 @@ async def rerank_v2(body: RerankV2Request, request: Request) -> Any:
 
 async def _rank(
     request: Request, body: RerankRequest, truncate: Truncate, max_passage_tokens: int | None = None
-) -> RankResult | None:
+) -> RankResult:
     return await serving.rank(
         request,
         model=body.model,

@@ -25,6 +25,7 @@ STATUS: dict[type[e.RankserveError], int] = {
     e.NotReady: 503,
     e.DeadlineExceeded: 504,
     e.EngineFailure: 500,
+    e.ClientGone: 499,  # nginx's "client closed the request": nobody reads the body
 }
 
 

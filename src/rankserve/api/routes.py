@@ -58,8 +58,6 @@ async def _rank(request: Request, body: RankingRequest, top_n: int | None) -> An
         truncate=Truncate(body.truncate),
         top_n=top_n,
     )
-    if result is None:
-        return serving.client_gone()
     return RankingResponse(
         rankings=[
             RankingEntry(index=r.index, logit=r.logit, score=r.probability if body.sigmoid else None)

@@ -7,9 +7,9 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import Request
 
-from rankserve.errors import InvalidRequest, UnknownModel
+from rankserve.errors import ClientGone, InvalidRequest, UnknownModel
 from rankserve.ranker import RankRequest, RankResult, Truncate
 
 
@@ -43,8 +43,8 @@ async def rank(
     top_n: int | None = None,
     field: str = "passages",
     max_passage_tokens: int | None = None,
-) -> RankResult | None:
-    """Rank `passages` for `query`. None when the client disconnected first (answer with `client_gone()`).
+) -> RankResult:
+    """Rank `passages` for `query`. Raises `ClientGone` when the client disconnected first.
 
     `field` is the dialect's name for the passages, used in the max-passages error message.
     """
@@ -68,14 +68,10 @@ async def rank(
     finally:
         state.metrics.in_flight.dec()
     if result is None:
-        return None
+        raise ClientGone("the client disconnected")
     state.metrics.passages.inc(len(passages))
     state.metrics.tokens.inc(result.prompt_tokens)
     return result
-
-
-def client_gone() -> Response:
-    return Response(status_code=499)  # client closed the connection; nobody reads this
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[RankResult]) -> RankResult | None:

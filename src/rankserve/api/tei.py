@@ -57,8 +57,6 @@ async def rerank(body: TeiRerankRequest, request: Request) -> Any:
     result = await serving.rank(
         request, model=None, query=body.query, passages=body.texts, truncate=truncate, field="texts"
     )
-    if result is None:
-        return serving.client_gone()
     return [
         TeiRank(
             index=r.index,
