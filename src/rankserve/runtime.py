@@ -59,7 +59,6 @@ class Runtime:
     encoder: PairEncoder
     scheduler: Scheduler
     ranker: Ranker
-    cache: ScoreCache | None = None  # this runtime's own: its keys carry this checkpoint's fingerprint
 
     @classmethod
     def load(
@@ -90,6 +89,7 @@ class Runtime:
         max_length = min(settings.max_seq_length, engine.info.max_length)
         encoder = PairEncoder.from_file(ckpt.tokenizer_file, ckpt.config.bos_token_id, max_length)
         scheduler = Scheduler(engine, batch_policy(settings, engine), on_batch=on_batch)
+        # The cache is this runtime's own: its keys carry this checkpoint's fingerprint.
         cache = ScoreCache(settings.score_cache_size) if settings.score_cache_size else None
         ranker = Ranker(
             encoder,
@@ -98,4 +98,4 @@ class Runtime:
             cache=cache,
             fingerprint=ckpt.fingerprint if cache is not None else "",
         )
-        return cls(settings, ckpt, engine, encoder, scheduler, ranker, cache)
+        return cls(settings, ckpt, engine, encoder, scheduler, ranker)

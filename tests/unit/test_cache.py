@@ -220,7 +220,7 @@ def test_no_cross_talk_between_checkpoints(tiny_checkpoint: Checkpoint, other_ch
             for _ in range(2):  # the second time from this runtime's cache
                 result = await runtime.ranker.rank(RankRequest(query=QUERY, passages=PASSAGES[:1]))
                 out.append(result.rankings[0].logit)
-            assert runtime.cache is not None and runtime.cache.hits == 1
+            assert runtime.ranker.cache is not None and runtime.ranker.cache.hits == 1
             return out
         finally:
             await runtime.scheduler.close()
@@ -234,4 +234,4 @@ def test_no_cross_talk_between_checkpoints(tiny_checkpoint: Checkpoint, other_ch
 def test_cache_is_off_by_default(tiny_checkpoint: Checkpoint, tmp_path: Path) -> None:
     settings = Settings(model=str(tiny_checkpoint.path), device="cpu", dtype="float32", warmup=False)
     runtime = Runtime.load(settings, tiny_checkpoint)
-    assert runtime.cache is None and runtime.ranker.cache is None
+    assert runtime.ranker.cache is None

@@ -87,7 +87,7 @@ class AppState:
         runtime.scheduler.start()
         self.metrics.set_engine(runtime.engine.info, self.model_ids[0])
         self.metrics.queue_tokens.set_function(lambda: runtime.scheduler.queued_tokens)
-        self.metrics.observe_cache(runtime.cache)
+        self.metrics.observe_cache(runtime.ranker.cache)
         self.runtime = runtime
         log.info("ready: serving %s", ", ".join(self.model_ids))
 
