@@ -1,8 +1,9 @@
 """A bounded LRU of scores: (checkpoint, template, truncation, length limit, query, passage) → logit.
 
-The ranker consults it before tokenizing, so a pair seen before skips the tokenizer and the engine, whatever
-dialect the request came in. Keys are 128-bit BLAKE2b digests of every input that changes a score, so an entry
-costs the same ~250 bytes whatever the text length, and the bound on entries is a bound on memory.
+The ranker consults it before tokenizing, so a pair seen before (in the same truncation mode) skips the tokenizer
+and the engine, whatever dialect the request came in. Keys are 128-bit BLAKE2b digests of every input that
+changes a score, so an entry costs the same ~250 bytes whatever the text length, and the bound on entries is a
+bound on memory.
 
 Concurrency: the cache is used on the event loop only (the ranker reads it before, and writes it after, its
 awaits; tokenizing in a worker thread never touches it), so it needs no lock. Two concurrent requests for the same
