@@ -5,11 +5,18 @@ The single definition of the model. ONNX and TensorRT engines are exports of thi
 Inputs are right-padded token ids `[B, S]` plus each sequence's length `[B]`; positions are `0..len-1`.
 Numerics: weights and matmuls run in the weight dtype (bf16 on GPU, fp32 on CPU); the residual stream,
 RMSNorm, RoPE, softmax and pooling accumulate in fp32.
+
+`Reranker.forward` is the reference (and what the ONNX export traces). The CUDA engine runs
+`Reranker.forward_packed` instead: the same layers on packed tokens (no padding), with fused q|k|v and gate|up
+projections, cached RoPE tables, a choice of attention kernel, and optional FP8 linears. Tests prove on CPU that
+the two agree.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -166,3 +173,211 @@ class Reranker(nn.Module):
         pooled = self.pool(hidden, mask, lengths)
         logits = pooled @ self.score.weight.float().T
         return logits[:, 0] / self.config.temperature
+
+    # -- the packed fast path -------------------------------------------------------------------------------
+
+    def rope_table(self, length: int) -> tuple[Tensor, Tensor]:
+        """cos/sin `[>= length, head_dim]` fp32, computed once and kept (the same values `forward` computes)."""
+        cached = self.__dict__.get("_rope_cache")
+        if cached is None or cached[0].shape[0] < length or cached[0].device != self.inv_freq.device:
+            cached = rope_cos_sin(self.inv_freq, max(length, self.config.max_length))
+            self.__dict__["_rope_cache"] = cached
+        return cached
+
+    def prepare_fast_path(self, *, fp8: bool = False) -> None:
+        """Fuse q|k|v and gate|up (the unfused weights become views: no extra memory), optionally add FP8 copies,
+        and build the RoPE table. `forward` is unaffected."""
+        self.__dict__["_fast"] = [FastPath(layer, fp8) for layer in self.model.layers]
+        self.__dict__["fp8"] = fp8
+        self.rope_table(self.config.max_length)
+
+    def forward_packed(
+        self, input_ids: Tensor, positions: Tensor, seq_ids: Tensor, cu_seqlens: Tensor, attend: Attend
+    ) -> Tensor:
+        """Float32 logits `[N]` for N sequences packed back to back.
+
+        input_ids, positions (0..len-1 within each sequence), seq_ids (which sequence): `[T]`;
+        cu_seqlens `[N + 1]` (sequence i is tokens cu[i]..cu[i+1]; an empty one gets a meaningless logit).
+        Needs no host synchronisation (CUDA-graph capturable given a capturable `attend`).
+        """
+        fast = self.__dict__.get("_fast")
+        if fast is None:
+            self.prepare_fast_path()
+            fast = self.__dict__["_fast"]
+        cos_table, sin_table = self.rope_table(self.config.max_length)
+        cos, sin = cos_table[positions][:, None, :], sin_table[positions][:, None, :]
+        h = self.model.embed_tokens(input_ids).float()
+        for layer, path in zip(self.model.layers, fast, strict=True):
+            h = _layer_packed(layer, path, h, cos, sin, attend)
+        hidden = self.model.norm(h)
+        pooled = self.pool_packed(hidden, seq_ids, cu_seqlens)
+        logits = pooled @ self.score.weight.float().T
+        return logits[:, 0] / self.config.temperature
+
+    def pool_packed(self, hidden: Tensor, seq_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """`pool` for packed hidden states `[T, D]`: one fp32 vector per sequence `[N, D]`."""
+        pooling = self.config.pooling
+        n_seqs = cu_seqlens.shape[0] - 1
+        if pooling == "avg":
+            sums = hidden.new_zeros((n_seqs, hidden.shape[-1]), dtype=torch.float32)
+            sums.index_add_(0, seq_ids, hidden.float())
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1).float()
+            return sums / lengths[:, None]
+        last = hidden.shape[0] - 1
+        if pooling == "cls":
+            return hidden[cu_seqlens[:-1].clamp(max=last)].float()
+        if pooling == "last":
+            return hidden[(cu_seqlens[1:] - 1).clamp(min=0)].float()
+        raise ValueError(f"unknown pooling {pooling!r}")
+
+
+# --- Fast paths (CUDA engine). `Reranker.forward` above stays the reference and the ONNX export; nothing below
+# changes it. The packed layout drops padding: tokens of all sequences back to back, `[T, ...]`.
+
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""Packed attention: q `[T, H, Dh]`, k/v `[T, Hkv, Dh]` → `[T, H, Dh]`, each token attending to its sequence."""
+
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+
+
+def _varlen_attn_fn() -> Callable[..., Tensor] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # PyTorch < 2.9
+        return None
+    return varlen_attn
+
+
+def varlen_available() -> bool:
+    return _varlen_attn_fn() is not None
+
+
+def varlen_attention(cu_seqlens: Tensor, max_seqlen: int, n_heads: int, n_kv_heads: int) -> Attend:
+    """FlashAttention over packed sequences (CUDA, bf16/fp16): no padding computed, no mask."""
+    fn = _varlen_attn_fn()
+    if fn is None:
+        raise RuntimeError("torch.nn.attention.varlen needs PyTorch >= 2.9")
+    gqa = "enable_gqa" in inspect.signature(fn).parameters
+    cu = cu_seqlens.to(torch.int32)
+    repeats = n_heads // n_kv_heads
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if gqa:
+            return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, enable_gqa=True)
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        return fn(q, k, v, cu, cu, max_seqlen, max_seqlen)
+
+    return attend
+
+
+def padded_attention(seq_ids: Tensor, positions: Tensor, lengths: Tensor, max_seqlen: int, *, gqa: bool) -> Attend:
+    """Packed attention through SDPA on a padded copy of q/k/v (any device): only attention sees padding.
+
+    With every sequence the same length no mask is passed, so CUDA can take the flash kernel. `gqa=True` uses
+    SDPA's `enable_gqa` instead of copying the KV heads (PyTorch >= 2.5).
+    """
+    n_seqs = lengths.shape[0]
+    uniform = bool((lengths == max_seqlen).all()) if n_seqs else True
+    key_mask = None
+    if not uniform:
+        key_mask = (torch.arange(max_seqlen, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
+
+    def scatter(x: Tensor) -> Tensor:
+        out = x.new_zeros((n_seqs, max_seqlen, *x.shape[1:]))
+        out[seq_ids, positions] = x
+        return out.transpose(1, 2)  # [B, H, S, Dh]
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        qp, kp, vp = scatter(q), scatter(k), scatter(v)
+        if gqa:
+            y = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask, enable_gqa=True)
+        else:
+            repeats = qp.shape[1] // kp.shape[1]
+            kp, vp = kp.repeat_interleave(repeats, dim=1), vp.repeat_interleave(repeats, dim=1)
+            y = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask)
+        return y.transpose(1, 2)[seq_ids, positions]
+
+    return attend
+
+
+class Fp8Linear(nn.Module):
+    """`y = x @ W.T` with W in float8_e4m3 (one scale per output row) and x quantized per row on the fly.
+
+    Uses `torch._scaled_mm` with row-wise scales (Hopper/Ada GPUs; PyTorch's CPU kernel too, slowly, which the
+    tests use). Output in `out_dtype` (bf16).
+    """
+
+    def __init__(self, weight: Tensor, out_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # [N, 1]
+        self.register_buffer("weight_fp8", (w / scale).to(torch.float8_e4m3fn))  # [N, K]
+        self.register_buffer("weight_scale", scale.T.contiguous())  # [1, N]
+        self.out_dtype = out_dtype
+
+    @staticmethod
+    def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+        """float8 rows and their fp32 scales `[M, 1]`."""
+        x32 = x.float()
+        scale = (x32.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+        return (x32 / scale).to(torch.float8_e4m3fn), scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        rows = x2.shape[0]
+        pad = -rows % 16  # _scaled_mm wants every dimension a multiple of 16
+        if pad:
+            x2 = F.pad(x2, (0, 0, 0, pad))
+        xq, xs = self.quantize_rows(x2)
+        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale, out_dtype=self.out_dtype)
+        return y[:rows].reshape(*lead, -1)
+
+
+def _linear(weight: Tensor) -> nn.Linear:
+    with torch.device("meta"):
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    return lin
+
+
+def _fuse_rows(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose weight stacks the given ones' rows; the originals become views of it (no second copy)."""
+    fused = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[start : start + rows], requires_grad=False)
+        start += rows
+    return _linear(fused)
+
+
+class FastPath:
+    """The packed forward's linears for one layer: fused q|k|v and gate|up, optionally FP8. Not submodules of
+    the Reranker (its state dict and `forward` are unchanged)."""
+
+    def __init__(self, layer: DecoderLayer, fp8: bool) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = _fuse_rows(attn.q_proj, attn.k_proj, attn.v_proj)
+        gate_up = _fuse_rows(mlp.gate_proj, mlp.up_proj)
+        self.splits = (attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0])
+        self.intermediate = mlp.gate_proj.weight.shape[0]
+        out_dtype = attn.o_proj.weight.dtype
+        lin: Callable[[nn.Linear], nn.Module] = (lambda m: Fp8Linear(m.weight, out_dtype)) if fp8 else (lambda m: m)
+        self.qkv = lin(qkv)
+        self.o = lin(attn.o_proj)
+        self.gate_up = lin(gate_up)
+        self.down = lin(mlp.down_proj)
+
+
+def _layer_packed(layer: DecoderLayer, fast: FastPath, h: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+    """One decoder layer on packed tokens `h` `[T, D]` (fp32 residual stream)."""
+    attn = layer.self_attn
+    tokens = h.shape[0]
+    q, k, v = fast.qkv(layer.input_layernorm(h)).split(fast.splits, dim=-1)
+    q = apply_rope(q.view(tokens, attn.n_heads, attn.head_dim), cos, sin)
+    k = apply_rope(k.view(tokens, attn.n_kv_heads, attn.head_dim), cos, sin)
+    v = v.view(tokens, attn.n_kv_heads, attn.head_dim)
+    h = h + fast.o(attend(q, k, v).reshape(tokens, -1)).float()
+    gate, up = fast.gate_up(layer.post_attention_layernorm(h)).split(fast.intermediate, dim=-1)
+    return h + fast.down(F.silu(gate) * up).float()
