@@ -1,0 +1,263 @@
+"""deploy/nginx/rankserve.conf in front of two real `rankserve serve` replicas, with a real nginx, on loopback.
+
+Under load from several client threads one replica is SIGKILLed: every request must still be answered 200 with the
+right ranking (nginx retries POSTs on the survivor, `non_idempotent` being enabled deliberately), and afterwards the
+dead replica must be out of rotation (no request even tries it). nginx's JSON access log says which replica(s)
+each request went to.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration._cli import CliServer, start_cli
+from tests.integration._support import Reference, assert_matches_reference, free_port, ranking_body
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "deploy" / "nginx" / "rankserve.conf"
+
+CLIENT_THREADS = 4
+REQUESTS_PER_THREAD = 25
+KILL_AFTER = 16  # completed requests before one replica is killed
+AFTER_REQUESTS = 8  # sequential requests once the load is over: none may try the dead replica
+
+QUERIES = ["which way should i go?", "how much protein should a female eat", "what is a reranker", "ports and docks"]
+PASSAGES = [
+    "two roads diverged in a yellow wood, and sorry I could not travel both",
+    "then took the other, as just as fair, and having perhaps the better claim",
+    "As a general guideline, the CDC average requirement of protein for women is 46 grams per day.",
+    "Definition of summit for English Language Learners.",
+    "A cross-encoder scores a query and a passage together and returns one logit.",
+    "The harbour master assigns each ship a berth before it enters the port.",
+]
+
+
+def nginx_binary() -> str:
+    path = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if path is None:
+        pytest.skip("nginx is not installed (Debian package `nginx`; .ci/run installs it)")
+    return path
+
+
+def render_site(template: str, replicas: list[str], listen_port: int, access_log: Path) -> str:
+    """The deploy config with the test's addresses: one upstream `server` line per replica (keeping the template's
+    parameters), the listen port on loopback and the access log in the test's folder. Nothing else changes."""
+    upstream = re.search(r"upstream rankserve \{.*?\n\}", template, re.S)
+    assert upstream is not None, "the template must define `upstream rankserve`"
+    block = upstream.group(0)
+    servers = re.findall(r"^([ \t]*)server[ \t]+\S+([ \t][^;\n]*)?;.*$", block, re.M)
+    assert servers, "the upstream must list replicas"
+    indent, params = servers[0]
+    lines = "\n".join(f"{indent}server {addr}{params or ''};" for addr in replicas)
+    new_block = re.sub(r"^[ \t]*server[ \t]+\S+([ \t][^;\n]*)?;.*\n", "", block, flags=re.M)
+    new_block = new_block.replace("{\n", "{\n" + lines + "\n", 1)
+    site = template.replace(block, new_block)
+    site, n_listen = re.subn(r"^(\s*)listen\s+\d+;", rf"\1listen 127.0.0.1:{listen_port};", site, flags=re.M)
+    site, n_log = re.subn(r"access_log\s+\S+\s+rankserve_json;", f"access_log {access_log} rankserve_json;", site)
+    assert n_listen == 1 and n_log == 1, "the template's listen/access_log lines changed: update render_site"
+    return site
+
+
+def main_conf(prefix: Path, site: Path) -> str:
+    """What /etc/nginx/nginx.conf does for the site, with every path in the test's folder (nginx runs unprivileged)."""
+    temps = "\n".join(
+        f"    {kind}_temp_path {prefix / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return (
+        f"worker_processes 1;\npid {prefix / 'nginx.pid'};\nerror_log {prefix / 'error.log'} info;\n"
+        f"events {{ worker_connections 256; }}\n"
+        f"http {{\n{temps}\n    include {site};\n}}\n"
+    )
+
+
+@dataclass
+class Nginx:
+    proc: subprocess.Popen[bytes]
+    url: str
+    prefix: Path
+    access_log: Path
+
+    def error_log(self) -> str:
+        path = self.prefix / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.access_log.read_text().splitlines() if line.strip()]
+
+
+def write_config(prefix: Path, replicas: list[str], port: int) -> tuple[Path, Path]:
+    access_log = prefix / "access.log"
+    site = prefix / "rankserve.conf"
+    site.write_text(render_site(TEMPLATE.read_text(), replicas, port, access_log))
+    conf = prefix / "nginx.conf"
+    conf.write_text(main_conf(prefix, site))
+    return conf, access_log
+
+
+def nginx_cmd(binary: str, prefix: Path, conf: Path, *extra: str) -> list[str]:
+    return [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"), *extra]
+
+
+@pytest.fixture
+def nginx_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[Nginx] = []
+
+    def start(replicas: list[str]) -> Nginx:
+        binary = nginx_binary()
+        prefix = tmp_path / "nginx"
+        prefix.mkdir(exist_ok=True)
+        port = free_port()
+        conf, access_log = write_config(prefix, replicas, port)
+        proc = subprocess.Popen(
+            nginx_cmd(binary, prefix, conf, "-g", "daemon off;"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        nginx = Nginx(proc, f"http://127.0.0.1:{port}", prefix, access_log)
+        started.append(nginx)
+        deadline = time.monotonic() + 15
+        with httpx.Client(base_url=nginx.url, timeout=2) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"nginx exited with {proc.returncode}:\n{nginx.error_log()}")
+                try:
+                    if client.get("/nginx/health").status_code == 200:
+                        return nginx
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nginx did not start:\n{nginx.error_log()}")
+                time.sleep(0.05)
+
+    yield start
+    for nginx in started:
+        if nginx.proc.poll() is None:
+            nginx.proc.send_signal(signal.SIGQUIT)  # graceful: finish what is in flight, flush the logs
+            try:
+                nginx.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                nginx.proc.kill()
+                nginx.proc.wait(timeout=5)
+
+
+def test_deploy_config_passes_nginx_check(tmp_path: Path) -> None:
+    binary = nginx_binary()
+    conf, _ = write_config(tmp_path, ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], free_port())
+    result = subprocess.run(nginx_cmd(binary, tmp_path, conf, "-t"), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_render_keeps_the_template_parameters() -> None:
+    site = render_site(TEMPLATE.read_text(), ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"], 9000, Path("/x"))
+    servers = re.findall(r"^[ \t]*server[ \t]+(\S+)[ \t]+(.*);$", site, re.M)
+    assert [s[0] for s in servers] == ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+    assert all("max_fails=" in s[1] and "fail_timeout=" in s[1] for s in servers)
+    assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in site
+    assert "listen 127.0.0.1:9000;" in site
+
+
+@dataclass
+class Outcome:
+    request_id: str
+    body: int
+    started: float
+    finished: float
+    status: int
+    response: Any
+
+
+@pytest.mark.timeout(240)
+def test_replica_killed_under_load(
+    nginx_factory: Any, tiny_checkpoint_dir: Path, tmp_path: Path, reference: Reference
+) -> None:
+    bodies = [
+        (ranking_body(q, PASSAGES[i % 3 : i % 3 + 4], truncate="END"), q, PASSAGES[i % 3 : i % 3 + 4])
+        for i, q in enumerate(QUERIES)
+    ]
+    expected = [reference.logits(q, passages) for _, q, passages in bodies]
+
+    replicas: list[CliServer] = []
+    try:
+        for _ in range(2):
+            replicas.append(start_cli(tiny_checkpoint_dir, tmp_path, "--cpu-threads", "1"))
+        addrs = [r.url.removeprefix("http://") for r in replicas]
+        victim, survivor = addrs
+        nginx = nginx_factory(addrs)
+
+        outcomes: list[Outcome] = []
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def client_thread(tid: int) -> None:
+            try:
+                with httpx.Client(base_url=nginx.url, timeout=60) as client:
+                    for i in range(REQUESTS_PER_THREAD):
+                        rid = f"load-{tid}-{i}"
+                        b = (tid + i) % len(bodies)
+                        t0 = time.monotonic()
+                        r = client.post("/v1/ranking", json=bodies[b][0], headers={"X-Request-ID": rid})
+                        out = Outcome(rid, b, t0, time.monotonic(), r.status_code, r.json())
+                        with lock:
+                            outcomes.append(out)
+            except BaseException as e:  # surfaced below: a transport error is a request not answered
+                errors.append(e)
+
+        threads = [threading.Thread(target=client_thread, args=(t,), daemon=True) for t in range(CLIENT_THREADS)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(outcomes) < KILL_AFTER and time.monotonic() < deadline and not errors:
+            time.sleep(0.002)
+        assert len(outcomes) >= KILL_AFTER, f"load did not get going: {errors}"
+        killed_at = time.monotonic()
+        replicas[0].proc.send_signal(signal.SIGKILL)
+        replicas[0].proc.wait(timeout=10)
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "client threads did not finish"
+        assert not errors, errors
+
+        # Every request answered, with the right ranking.
+        assert len(outcomes) == CLIENT_THREADS * REQUESTS_PER_THREAD
+        for out in outcomes:
+            assert out.status == 200, (out.request_id, out.status, out.response)
+            assert_matches_reference(out.response, expected[out.body])
+        assert sum(out.started > killed_at for out in outcomes) >= CLIENT_THREADS, "the load must go on after the kill"
+
+        # Once the load is over: the dead replica is out of rotation, every request goes straight to the survivor.
+        with httpx.Client(base_url=nginx.url, timeout=30) as client:
+            for i in range(AFTER_REQUESTS):
+                r = client.post("/v1/ranking", json=bodies[i % len(bodies)][0], headers={"X-Request-ID": f"after-{i}"})
+                assert r.status_code == 200, r.text
+                assert_matches_reference(r.json(), expected[i % len(bodies)])
+
+        lines = {line["request_id"]: line for line in nginx.log_lines()}
+        assert set(lines) >= {out.request_id for out in outcomes}, "nginx must log every request with its id"
+        tried = {rid: [a.strip() for a in line["upstream_addr"].split(",")] for rid, line in lines.items()}
+        before = [out for out in outcomes if out.finished < killed_at]
+        assert {a for out in before for a in tried[out.request_id]} == {victim, survivor}, "both replicas served"
+        retried = [rid for rid, addrs_ in tried.items() if addrs_[:1] == [victim] and addrs_[-1] == survivor]
+        assert retried, "some request must have gone to the dead replica and been retried on the survivor"
+        in_flight = sum(out.started < killed_at < out.finished for out in outcomes)
+        print(f"\n{len(outcomes)} requests, {in_flight} in flight at the kill, retried on the survivor: {retried}")
+        for rid, line in lines.items():
+            assert line["status"] == 200, line
+            assert tried[rid][-1] in (victim, survivor)
+        for i in range(AFTER_REQUESTS):
+            assert tried[f"after-{i}"] == [survivor], lines[f"after-{i}"]
+        assert replicas[1].proc.poll() is None, "the survivor must still be running"
+    finally:
+        for r in replicas:
+            r.stop()
