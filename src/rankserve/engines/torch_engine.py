@@ -1,24 +1,86 @@
-"""The PyTorch engine: runs `rankserve.model.llama.Reranker` eagerly on CPU or CUDA."""
+"""The PyTorch engine: `rankserve.model.llama.Reranker` on CPU (padded, fp32) or CUDA (packed, bf16).
+
+On CUDA a batch is packed (padding dropped, `packing.pack`) and run through `Reranker.forward_packed`:
+fused q|k|v and gate|up GEMMs, cached RoPE tables, FlashAttention over the packed sequences
+(`torch.nn.attention.varlen`, PyTorch >= 2.9; else SDPA on a padded copy of q/k/v, with `enable_gqa`), one
+pinned host buffer and one asynchronous copy per batch. Options (`TorchOptions`, from `RANKSERVE_TORCH_*`
+environment variables; see docs/gpu.md): CUDA graphs for small batches captured at warm-up, `torch.compile`,
+FP8 GEMMs (Hopper/Ada). On CPU the padded reference `Reranker.forward` runs, unchanged.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import numpy as np
 import torch
 
 from rankserve.engines.base import EngineInfo, EngineOutOfMemory
+from rankserve.engines.cuda_graphs import GraphRunner
+from rankserve.engines.packing import Packed, pack
 from rankserve.model.checkpoint import Checkpoint, load_model
-from rankserve.model.llama import Reranker
+from rankserve.model.llama import (
+    Attend,
+    Reranker,
+    padded_attention,
+    varlen_attention,
+    varlen_available,
+    varlen_supports_gqa,
+)
 
 log = logging.getLogger(__name__)
 
 # Measured with scripts/bench_engine.py (docs/benchmarks.md): on CPU, tokens/s peaks at 1-2 k padded tokens per
-# batch and falls slowly beyond. The CUDA value is a starting point until GPU measurements set it.
+# batch and falls slowly beyond. The CUDA value is a starting point until GPU measurements set it
+# (scripts/gpu_check.sh sweeps it).
 CPU_BATCH_TOKENS = 2048
 CUDA_BATCH_TOKENS = 16384
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """How the engine runs on CUDA (ignored on CPU, which always runs the padded reference)."""
+
+    # No compute on padding. auto: on CUDA (CPU runs the padded reference); on: everywhere (tests); off: nowhere.
+    packed: Literal["auto", "on", "off"] = "auto"
+    attention: Literal["auto", "varlen", "sdpa"] = "auto"  # auto: varlen where PyTorch has it
+    cuda_graphs: bool = False  # graphs for packed batches of <= graph_max_tokens, captured at warm-up
+    graph_max_tokens: int = 4096
+    graph_step: int = 256  # bucket granularity: at most step-1 tokens of filler per batch
+    graph_max_batch: int = 64  # sequences per graph batch (the scheduler's max_batch_size default)
+    compile: bool = False  # torch.compile the packed forward (dynamic shapes)
+    fp8: bool = False  # FP8 (e4m3) GEMMs with per-row scales: Hopper/Ada GPUs only
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TorchOptions:
+        """`RANKSERVE_TORCH_<FIELD>` (e.g. RANKSERVE_TORCH_CUDA_GRAPHS=1, RANKSERVE_TORCH_ATTENTION=sdpa)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"RANKSERVE_TORCH_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            default = getattr(cls, f.name)
+            if isinstance(default, bool):
+                if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(f"RANKSERVE_TORCH_{f.name.upper()} must be a boolean, got {raw!r}")
+                values[f.name] = raw.lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, int):
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = raw
+        opts = cls(**values)  # type: ignore[arg-type]
+        if opts.attention not in ("auto", "varlen", "sdpa"):
+            raise ValueError(f"RANKSERVE_TORCH_ATTENTION must be auto, varlen or sdpa, got {opts.attention!r}")
+        if opts.packed not in ("auto", "on", "off"):
+            raise ValueError(f"RANKSERVE_TORCH_PACKED must be auto, on or off, got {opts.packed!r}")
+        return opts
 
 
 def pick_device(device: str) -> torch.device:
@@ -39,32 +101,78 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def fp8_supported(device: torch.device) -> bool:
+    """FP8 tensor cores: compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 class TorchEngine:
-    def __init__(self, model: Reranker, device: torch.device, max_length: int, pad_token_id: int) -> None:
+    def __init__(
+        self,
+        model: Reranker,
+        device: torch.device,
+        max_length: int,
+        pad_token_id: int,
+        options: TorchOptions | None = None,
+    ) -> None:
         self.model = model
         self.device = device
+        self.options = options or TorchOptions()
         dtype = next(model.parameters()).dtype
+        self.packed = self.options.packed == "on" or (self.options.packed == "auto" and device.type == "cuda")
+        self.attention = self._pick_attention(dtype)
+        if self.options.fp8 and not fp8_supported(device):
+            raise RuntimeError("FP8 GEMMs need an Ada or Hopper GPU (compute capability >= 8.9)")
+        precision = str(dtype).removeprefix("torch.") + ("+fp8" if self.options.fp8 else "")
         self.info = EngineInfo(
             backend="torch",
             device=str(device),
-            precision=str(dtype).removeprefix("torch."),
+            precision=precision,
             max_length=max_length,
             pad_token_id=pad_token_id,
             preferred_batch_tokens=CPU_BATCH_TOKENS if device.type == "cpu" else CUDA_BATCH_TOKENS,
         )
+        self._gqa = varlen_supports_gqa() if self.attention == "varlen" else False
+        self._host: torch.Tensor | None = None  # pinned staging buffer for the packed inputs, grown on demand
+        self._forward = self._forward_packed
+        self.graphs: GraphRunner | None = None
+        if self.packed:
+            model.prepare_fast_path(fp8=self.options.fp8)
+            if self.options.compile:
+                self._forward = torch.compile(self._forward_packed, dynamic=True)
 
     @classmethod
     def from_checkpoint(
-        cls, ckpt: Checkpoint, *, device: str = "auto", dtype: str = "auto", max_length: int | None = None
+        cls,
+        ckpt: Checkpoint,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_length: int | None = None,
+        options: TorchOptions | None = None,
     ) -> TorchEngine:
         dev = pick_device(device)
         model = load_model(ckpt, device=dev, dtype=pick_dtype(dtype, dev))
         limit = min(max_length or ckpt.config.max_length, ckpt.config.max_length)
-        return cls(model, dev, limit, ckpt.config.pad_token_id)
+        opts = options if options is not None else TorchOptions.from_env()
+        return cls(model, dev, limit, ckpt.config.pad_token_id, opts)
+
+    def _pick_attention(self, dtype: torch.dtype) -> str:
+        choice = self.options.attention
+        flash_ok = self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and varlen_available()
+        if choice == "varlen" and not flash_ok:
+            raise RuntimeError("varlen attention needs CUDA, bf16/fp16 and PyTorch >= 2.9")
+        if choice == "auto":
+            return "varlen" if flash_ok else "sdpa"
+        return choice
+
+    # -- scoring ------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def score(self, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         try:
+            if self.packed:
+                return self._score_packed(pack(input_ids, lengths))
             ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device, non_blocking=True)
             lens = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)).to(self.device, non_blocking=True)
             return self.model(ids, lens).float().cpu().numpy()
@@ -73,7 +181,81 @@ class TorchEngine:
                 torch.cuda.empty_cache()  # give back what the failed batch held before a smaller one runs
             raise EngineOutOfMemory(f"{self.device} out of memory on a batch of {input_ids.shape}") from e
 
+    def _score_packed(self, p: Packed) -> np.ndarray:
+        logits = self.graphs.run(p) if self.graphs is not None else None
+        if logits is None:
+            t = self._to_device(p)
+            logits = self._forward(*t, p.max_seqlen)[: p.n_real]
+        return logits.float().cpu().numpy()
+
+    def _to_device(self, p: Packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One copy from a reused pinned buffer. Safe to reuse: each batch synchronises on its logits, which
+        the stream orders after this copy."""
+        flat = p.host_buffer()
+        if self._host is None or self._host.numel() < flat.size:
+            self._host = torch.empty(max(flat.size, 1 << 16), dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        self._host.numpy()[: flat.size] = flat
+        dev = self._host[: flat.size].to(self.device, non_blocking=True)
+        t = p.tokens
+        return dev[:t], dev[t : 2 * t], dev[2 * t : 3 * t], dev[3 * t :]
+
+    def attend_fn(
+        self, positions: torch.Tensor, seq_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> Attend:
+        cfg = self.model.config
+        if self.attention == "varlen":
+            return varlen_attention(cu_seqlens, max_seqlen, cfg.num_attention_heads, cfg.num_key_value_heads, self._gqa)
+        gqa = self.device.type == "cuda"
+        return padded_attention(seq_ids, positions, cu_seqlens[1:] - cu_seqlens[:-1], max_seqlen, gqa=gqa)
+
+    def _forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+    ) -> torch.Tensor:
+        attend = self.attend_fn(positions, seq_ids, cu_seqlens, max_seqlen)
+        return self.model.forward_packed(input_ids, positions, seq_ids, cu_seqlens, attend)
+
+    # -- start-up -----------------------------------------------------------------------------------------
+
     def warmup(self) -> None:
-        for batch, seqlen in ((1, 8), (4, 64)):
-            ids = np.full((batch, seqlen), self.info.pad_token_id, dtype=np.int64)
+        shapes = [(1, 8), (4, 64)]
+        if self.device.type == "cuda":
+            shapes += [
+                (8, 512),
+                (max(1, CUDA_BATCH_TOKENS // 512), 512),
+                (2, 2048),
+                (1, min(8192, self.info.max_length)),
+            ]
+        rng = np.random.default_rng(0)
+        for batch, seqlen in shapes:
+            seqlen = min(seqlen, self.info.max_length)
+            ids = rng.integers(0, 128000, (batch, seqlen), dtype=np.int64)
+            # Mixed lengths too, so that masked and packed kernels are loaded (and compiled) before traffic.
             self.score(ids, np.full(batch, seqlen, dtype=np.int64))
+            self.score(ids, np.maximum(1, rng.integers(seqlen // 2, seqlen + 1, batch)))
+        if self.packed and self.options.cuda_graphs and self.graphs is None:
+            self.capture_graphs()
+
+    def capture_graphs(self) -> None:
+        if not self.packed:
+            raise RuntimeError("CUDA graphs run the packed path (RANKSERVE_TORCH_PACKED is off)")
+        if self.device.type == "cuda" and self.attention != "varlen":
+            raise RuntimeError("CUDA graphs need the varlen attention kernel (SDPA on a padded copy syncs)")
+        o = self.options
+        runner = GraphRunner(
+            self._forward,
+            self.device,
+            max_tokens=o.graph_max_tokens,
+            step=o.graph_step,
+            max_batch=o.graph_max_batch,
+            max_length=self.info.max_length,
+            pad_token_id=self.info.pad_token_id,
+            use_graphs=self.device.type == "cuda",
+        )
+        with torch.inference_mode():
+            runner.capture()
+        self.graphs = runner

@@ -252,12 +252,24 @@ def varlen_available() -> bool:
     return _varlen_attn_fn() is not None
 
 
-def varlen_attention(cu_seqlens: Tensor, max_seqlen: int, n_heads: int, n_kv_heads: int) -> Attend:
-    """FlashAttention over packed sequences (CUDA, bf16/fp16): no padding computed, no mask."""
+def varlen_supports_gqa() -> bool:
+    fn = _varlen_attn_fn()
+    return fn is not None and "enable_gqa" in inspect.signature(fn).parameters
+
+
+def varlen_attention(
+    cu_seqlens: Tensor, max_seqlen: int, n_heads: int, n_kv_heads: int, gqa: bool | None = None
+) -> Attend:
+    """FlashAttention over packed sequences (CUDA, bf16/fp16): no padding computed, no mask.
+
+    `max_seqlen` may exceed the longest sequence (a CUDA graph fixes it). `gqa`: whether the kernel takes
+    `enable_gqa` (else the KV heads are copied); None asks PyTorch (pass it in under torch.compile).
+    """
     fn = _varlen_attn_fn()
     if fn is None:
         raise RuntimeError("torch.nn.attention.varlen needs PyTorch >= 2.9")
-    gqa = "enable_gqa" in inspect.signature(fn).parameters
+    if gqa is None:
+        gqa = varlen_supports_gqa()
     cu = cu_seqlens.to(torch.int32)
     repeats = n_heads // n_kv_heads
 
