@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from pydantic import ValidationError
@@ -67,8 +67,10 @@ def _build_settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"rankserve: invalid settings: {problems}") from None
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str, log_format: Literal["auto", "json", "text"] = "auto") -> None:
+    from rankserve.logs import setup_logging
+
+    setup_logging(level, log_format)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -76,7 +78,7 @@ def serve(args: argparse.Namespace) -> int:
     from rankserve.model.checkpoint import open_checkpoint
 
     settings = _build_settings(args)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     try:
         # Fail fast (before binding the port) on a missing, unreachable or wrong checkpoint.
         checkpoint = open_checkpoint(settings.model)
@@ -91,9 +93,21 @@ def serve(args: argparse.Namespace) -> int:
             server.fatal = True
             server.should_exit = True
 
-    app = create_app(settings, checkpoint=checkpoint, on_fatal=on_fatal)
+    try:
+        app = create_app(settings, checkpoint=checkpoint, on_fatal=on_fatal)
+    except RankserveError as e:  # e.g. tracing configured without the `otel` extra
+        print(f"rankserve: {e.message}", file=sys.stderr)
+        return 2
+    # Our logging setup formats uvicorn's lines too (log_config=None); the access line is ours (one per request,
+    # with the request id, counts and times), so uvicorn's own is off.
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=None
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=None,
     )
     server = DrainingServer(config, app.state.rs, settings.shutdown_drain_seconds)
     server.run()
@@ -134,7 +148,9 @@ def score(args: argparse.Namespace) -> int:
     from rankserve.runtime import Runtime
 
     settings = _build_settings(args)
-    _setup_logging("warning" if args.log_level is None else settings.log_level)
+    # An interactive command: plain text unless a format is asked for.
+    log_format = "text" if settings.log_format == "auto" else settings.log_format
+    _setup_logging("warning" if args.log_level is None else settings.log_level, log_format)
     try:
         runtime = Runtime.load(settings.model_copy(update={"warmup": False}))
     except RankserveError as e:
@@ -182,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     p_score.add_argument("--passage", action="append", required=True, help="repeat for each passage")
     p_score.add_argument("--truncate", choices=[t.value for t in Truncate], default="NONE")
     p_score.add_argument("--json", action="store_true", help="print the ranking as JSON")
-    _settings_flags(p_score, skip=("host", "port", "api_key", "auth_public_routes", "shutdown_drain_seconds"))
+    server_only = ("host", "port", "api_key", "auth_public_routes", "shutdown_drain_seconds")
+    _settings_flags(p_score, skip=(*server_only, "access_log", "log_request_text", "otlp_endpoint"))
     p_score.set_defaults(func=score)
 
     from rankserve.eval import command as eval_command  # stdlib only; the eval deps load when it runs

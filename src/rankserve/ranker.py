@@ -10,10 +10,10 @@ import asyncio
 import enum
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -21,9 +21,12 @@ from tokenizers import Tokenizer
 from rankserve import windows
 from rankserve.cache import CachedScore, CacheKeys, ScoreCache
 from rankserve.errors import DeadlineExceeded, InputTooLong, TooManyWindows
+from rankserve.timing import RequestTiming
 
 # Bumped whenever the text given to the model changes (caches and exports record it).
 PROMPT_TEMPLATE_VERSION = "1"
+
+T = TypeVar("T")
 
 
 def format_pair(query: str, passage: str) -> str:
@@ -148,7 +151,9 @@ class Scorer(Protocol):
         """Raise (e.g. Overloaded) if new work cannot be taken now: called before tokenizing."""
         ...
 
-    async def submit(self, sequences: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray: ...
+    async def submit(
+        self, sequences: Sequence[np.ndarray], timeout: float | None = None, timing: RequestTiming | None = None
+    ) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -218,12 +223,13 @@ class Ranker:
             overlap = self.long_documents.overlap
             self._keys = CacheKeys(fingerprint, PROMPT_TEMPLATE_VERSION, encoder.max_length, overlap)
 
-    async def rank(self, request: RankRequest) -> RankResult:
+    async def rank(self, request: RankRequest, timing: RequestTiming | None = None) -> RankResult:
+        """`timing` (optional, for telemetry) records tokenization, queue and engine times as they happen."""
         deadline = None if request.timeout is None else time.monotonic() + request.timeout
         truncate = self.long_documents.effective(request.truncate)
         passages = request.passages
         if request.max_passage_tokens is not None:
-            passages = await asyncio.to_thread(self.encoder.cut_passages, passages, request.max_passage_tokens)
+            passages = await _timed(timing, self.encoder.cut_passages, passages, request.max_passage_tokens)
         # A passage repeated within a request is scored once: identical passages get identical logits (so
         # their order is the index order) and the engine does no duplicate work. `usage` still counts each.
         unique = list(dict.fromkeys(passages))
@@ -240,7 +246,7 @@ class Ranker:
         if truncate is Truncate.WINDOW and window_budget < 0:
             raise TooManyWindows(self.long_documents.max_windows)
         if missing:
-            fresh = await self._score(request.query, missing, truncate, window_budget, deadline)
+            fresh = await self._score(request.query, missing, truncate, window_budget, deadline, timing)
             scores.update(fresh)
             if self.cache is not None:
                 for passage, key in zip(unique, keys, strict=True):
@@ -252,23 +258,33 @@ class Ranker:
         return RankResult(rankings=sort_rankings(logits, request.top_n), prompt_tokens=int(prompt_tokens))
 
     async def _score(
-        self, query: str, passages: list[str], truncate: Truncate, window_budget: int, deadline: float | None
+        self,
+        query: str,
+        passages: list[str],
+        truncate: Truncate,
+        window_budget: int,
+        deadline: float | None,
+        timing: RequestTiming | None,
     ) -> dict[str, CachedScore]:
         """Tokenize and score `passages` (no repeats); a windowed passage gets the max over its windows."""
         self.scorer.check_capacity()
         # The Rust tokenizer releases the GIL: run it in a worker thread so the event loop keeps serving.
         if truncate is Truncate.WINDOW:
             overlap = self.long_documents.overlap
-            groups = await asyncio.to_thread(self.encoder.encode_windows, query, passages, overlap, window_budget)
+            groups = await _timed(timing, self.encoder.encode_windows, query, passages, overlap, window_budget)
         else:
-            sequences = await asyncio.to_thread(self.encoder.encode, query, passages, truncate)
+            sequences = await _timed(timing, self.encoder.encode, query, passages, truncate)
             groups = [[s] for s in sequences]
         remaining = None
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("the request did not finish within its deadline")
-        logits = await self.scorer.submit([s for group in groups for s in group], timeout=remaining)
+        flat = [s for group in groups for s in group]
+        if timing is None:  # scorers that do not record timing (test doubles) need not accept the argument
+            logits = await self.scorer.submit(flat, timeout=remaining)
+        else:
+            logits = await self.scorer.submit(flat, timeout=remaining, timing=timing)
         out = {}
         at = 0
         for passage, group in zip(passages, groups, strict=True):
@@ -276,6 +292,16 @@ class Ranker:
             out[passage] = CachedScore(best, sum(len(s) for s in group), len(group))
             at += len(group)
         return out
+
+
+async def _timed(timing: RequestTiming | None, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a worker thread (the Rust tokenizer releases the GIL), its time recorded in `timing`."""
+    started = time.perf_counter()
+    try:
+        return await asyncio.to_thread(fn, *args)
+    finally:
+        if timing is not None:
+            timing.tokenized(started, time.perf_counter())
 
 
 def _sigmoid(x: float) -> float:

@@ -30,6 +30,7 @@ import numpy as np
 
 from rankserve.engines.base import Engine, EngineOutOfMemory
 from rankserve.errors import DeadlineExceeded, EngineFailure, Overloaded, ShuttingDown
+from rankserve.timing import RequestTiming
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ class _Job:
     logits: np.ndarray
     remaining: int  # sequences without a logit yet
     queued_tokens: int  # tokens of its sequences still waiting (not yet in a batch)
+    queued_sequences: int  # its sequences still waiting
     finished: bool = False  # a plain flag the engine thread may read
+    timing: RequestTiming | None = None  # telemetry: when its batches ran
 
     @property
     def live(self) -> bool:
@@ -121,6 +124,7 @@ class Scheduler:
         self._on_batch = on_batch
         self._queue: deque[_Item] = deque()
         self._queued_tokens = 0
+        self._queued_sequences = 0
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(policy.pipeline_depth)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -135,6 +139,11 @@ class Scheduler:
     @property
     def queued_tokens(self) -> int:
         return self._queued_tokens
+
+    @property
+    def queued_sequences(self) -> int:
+        """Sequences waiting for a batch (the queue depth)."""
+        return self._queued_sequences
 
     @property
     def healthy(self) -> bool:
@@ -168,8 +177,13 @@ class Scheduler:
             self._abandon(self._queue.popleft().job, ShuttingDown("the server is shutting down"))
         self._executor.shutdown(wait=True)
 
-    async def submit(self, sequences: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
-        """Float32 logits for `sequences`, in order. Raises Overloaded, DeadlineExceeded, EngineFailure."""
+    async def submit(
+        self, sequences: Sequence[np.ndarray], timeout: float | None = None, timing: RequestTiming | None = None
+    ) -> np.ndarray:
+        """Float32 logits for `sequences`, in order. Raises Overloaded, DeadlineExceeded, EngineFailure.
+
+        `timing` (optional) records when the request's sequences were queued and when their batches ran.
+        """
         if self._closed:
             raise ShuttingDown("the server is shutting down")
         tokens = int(sum(len(s) for s in sequences))
@@ -184,12 +198,17 @@ class Scheduler:
             logits=np.full(len(sequences), np.nan, dtype=np.float32),
             remaining=len(sequences),
             queued_tokens=tokens,
+            queued_sequences=len(sequences),
+            timing=timing,
         )
         if not sequences:
             return job.logits
         now = time.perf_counter()
+        if timing is not None:
+            timing.queued(now)
         self._queue.extend(_Item(job, i, s, now) for i, s in enumerate(sequences))
         self._queued_tokens += tokens
+        self._queued_sequences += len(sequences)
         self._wakeup.set()
         try:
             # On timeout or cancellation wait_for cancels job.future; _abandon then releases its queued work.
@@ -209,7 +228,9 @@ class Scheduler:
             return
         job.finished = True
         self._queued_tokens -= job.queued_tokens
+        self._queued_sequences -= job.queued_sequences
         job.queued_tokens = 0
+        job.queued_sequences = 0
         if error is not None and not job.future.done():
             job.future.set_exception(error)
             job.future.exception()  # mark retrieved: its waiter may be gone
@@ -284,7 +305,9 @@ class Scheduler:
         for item in batch:
             item.taken = True
             item.job.queued_tokens -= item.length
+            item.job.queued_sequences -= 1
             self._queued_tokens -= item.length
+        self._queued_sequences -= len(batch)
         while queue and queue[0].taken:
             queue.popleft()
         return batch
@@ -347,7 +370,12 @@ class Scheduler:
             return np.concatenate([np.asarray(first, dtype=np.float32), np.asarray(second, dtype=np.float32)])
 
     def _observe(self, batch: list[_Item], clock: _Clock, lengths: np.ndarray, ids: np.ndarray, ok: bool) -> None:
-        if self._on_batch is None or not clock.started:
+        if not clock.started:
+            return
+        for job in {item.job for item in batch}:
+            if job.timing is not None:
+                job.timing.batch(clock.started, clock.seconds)
+        if self._on_batch is None:
             return
         queue_seconds = clock.started - min(it.enqueued for it in batch)
         try:

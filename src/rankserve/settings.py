@@ -59,6 +59,26 @@ class Settings(BaseSettings):
         description="after SIGTERM, answer 503 on readiness this long before closing the listener",
     )
 
+    # Logs and traces (see docs/observability.md)
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        validation_alias=_env("log_format"),
+        description="json: one JSON object per line; text: plain lines; auto: json unless stderr is a terminal",
+    )
+    access_log: bool = Field(
+        True, validation_alias=_env("access_log"), description="one log line per HTTP request (replaces uvicorn's)"
+    )
+    log_request_text: bool = Field(
+        False,
+        validation_alias=_env("log_request_text"),
+        description="put the query and passage texts into the access log (off: never any request text in logs)",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        validation_alias=_env("otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        description="OTLP/HTTP collector base URL (spans go to <url>/v1/traces); unset: tracing off",
+    )
+
     # Limits of one request
     max_seq_length: int = Field(8192, ge=16, validation_alias=_env("max_seq_length", "NIM_TRITON_MAX_SEQ_LENGTH"))
     max_passages: int = Field(512, ge=1, validation_alias=_env("max_passages"))

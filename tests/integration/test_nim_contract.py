@@ -335,7 +335,8 @@ def test_metrics_are_prometheus_text(server: ServerThread, path: str) -> None:
     assert r.headers["content-type"].startswith("text/plain")
     assert "rankserve_requests_total" in r.text
     samples = parse_metrics(r.text)
-    ok = [v for labels, v in samples["rankserve_requests_total"] if labels == {"route": "/v1/ranking", "status": "200"}]
+    want = {"route": "/v1/ranking", "dialect": "nim", "status": "200"}
+    ok = [v for labels, v in samples["rankserve_requests_total"] if labels == want]
     assert ok and ok[0] >= 1
 
 

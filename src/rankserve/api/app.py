@@ -14,16 +14,19 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from rankserve import __version__
+from rankserve import __version__, logs
 from rankserve.api import cohere, errors, tei
 from rankserve.api.routes import router
 from rankserve.errors import NotReady, ShuttingDown
 from rankserve.model.checkpoint import Checkpoint
 from rankserve.runtime import EngineFactory, Runtime, model_ids
 from rankserve.settings import Settings
-from rankserve.telemetry import Metrics
+from rankserve.telemetry import Metrics, dialect_of
+from rankserve.timing import RequestTiming
+from rankserve.tracing import RequestRecord, Tracing
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger(logs.ACCESS_LOGGER)
 
 ASGIApp = Callable[
     [dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[..., Awaitable[None]]], Awaitable[None]
@@ -41,6 +44,7 @@ class AppState:
     engine_factory: EngineFactory | None = None
     on_fatal: Callable[[str], None] | None = None
     runtime: Runtime | None = None
+    tracing: Tracing | None = None
     fatal: str | None = None
     draining: bool = False
     started_at: float = field(default_factory=time.time)
@@ -87,6 +91,7 @@ class AppState:
         runtime.scheduler.start()
         self.metrics.set_engine(runtime.engine.info, self.model_ids[0])
         self.metrics.queue_tokens.set_function(lambda: runtime.scheduler.queued_tokens)
+        self.metrics.queue_depth.set_function(lambda: runtime.scheduler.queued_sequences)
         self.metrics.observe_cache(runtime.ranker.cache)
         self.runtime = runtime
         log.info("ready: serving %s", ", ".join(self.model_ids))
@@ -106,6 +111,8 @@ def create_app(
         checkpoint=checkpoint,
         engine_factory=engine_factory,
         on_fatal=on_fatal,
+        # Raises TracingUnavailable (a clear message) when configured without the `otel` extra installed.
+        tracing=Tracing(settings.otlp_endpoint) if settings.otlp_endpoint else None,
     )
 
     @asynccontextmanager
@@ -118,6 +125,8 @@ def create_app(
             await loader  # a thread cannot be interrupted; loading finishes, then we close
             if state.runtime is not None:
                 await state.runtime.scheduler.close()
+            if state.tracing is not None:
+                await asyncio.to_thread(state.tracing.shutdown)  # export the spans still buffered
 
     app = FastAPI(
         title="rankserve",
@@ -130,9 +139,9 @@ def create_app(
     app.include_router(router)
     app.include_router(cohere.router)  # /v1/rerank (Cohere v1, Jina), /v2/rerank (Cohere v2)
     app.include_router(tei.router)  # /rerank (text-embeddings-inference)
-    # Outermost first: path fix-up, metrics, then the body limit right before routing.
+    # Outermost first: path fix-up, metrics/logs/traces, then the body limit right before routing.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(ObservabilityMiddleware, state=state)
     app.add_middleware(PathNormalizeMiddleware)
     if settings.cors_allow_origins:  # off by default: no browser origin may call the API
         app.add_middleware(
@@ -159,38 +168,119 @@ class PathNormalizeMiddleware:
         await self.app(scope, receive, send)
 
 
-class MetricsMiddleware:
-    """Counts and times every HTTP request by route template and status."""
+# Successful probes and scrapes are logged at debug level only (they arrive every few seconds).
+QUIET_ROUTES = ("/v1/health/live", "/v1/health/ready", "/v1/metrics", "/metrics")
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+
+class ObservabilityMiddleware:
+    """The edge every HTTP request passes: request id (`X-Request-ID` accepted and returned), metrics by route,
+    dialect and status, the access log line and, when tracing is on, the request's spans.
+
+    Inner layers leave what they learn in the ASGI scope: `rankserve.timing` (a `RequestTiming` created here and
+    filled by the ranker and scheduler), `rankserve.passages`, `rankserve.tokens`, `rankserve.text`.
+    """
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
-        self.metrics = metrics
+        self.state = state
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        timing = RequestTiming()
+        headers = scope.get("headers", [])
+        incoming = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), None)
+        request_id = logs.request_id(incoming)
+        scope["rankserve.timing"] = timing
+        scope["rankserve.request_id"] = request_id
         status = 500
+        token = logs.request_id_var.set(request_id)
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            logs.request_id_var.reset(token)
             if scope.get("rankserve.client_gone"):
                 status = 499  # nginx's code for "client closed the request"
-            route = scope.get("route")
-            label = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(label, str(status)).inc()
-            self.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
-            reason = scope.get("rankserve.rejection") or REJECTION_REASONS.get(status)
-            if reason:
-                self.metrics.rejections.labels(reason).inc()
+            self._observe(scope, status, started, time.perf_counter(), timing, request_id)
+
+    def _observe(
+        self, scope: dict[str, Any], status: int, started: float, ended: float, timing: RequestTiming, rid: str
+    ) -> None:
+        m = self.state.metrics
+        route = getattr(scope.get("route"), "path", "unmatched")
+        dialect = dialect_of(route)
+        m.requests.labels(route, dialect, str(status)).inc()
+        m.request_seconds.labels(route, dialect).observe(ended - started)
+        quiet = route in QUIET_ROUTES
+        reason = scope.get("rankserve.rejection") or REJECTION_REASONS.get(status)
+        if reason and not quiet:  # a readiness 503 while loading refuses no request
+            m.rejections.labels(reason).inc()
+        if timing.tokenize:
+            m.tokenize_seconds.observe(timing.tokenize_seconds)
+        passages, tokens = scope.get("rankserve.passages"), scope.get("rankserve.tokens")
+        trace_id = None
+        if self.state.tracing is not None and scope["method"] == "POST":
+            record = RequestRecord(
+                method=scope["method"],
+                route=route,
+                status=status,
+                dialect=dialect,
+                request_id=rid,
+                started=started,
+                ended=ended,
+                timing=timing,
+                validated=scope.get("rankserve.validated"),
+                passages=passages,
+                tokens=tokens,
+            )
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            try:
+                trace_id = self.state.tracing.record(record, headers)
+            except Exception:  # telemetry must never fail a request
+                log.exception("could not record the request's trace")
+        if not self.state.settings.access_log:
+            return
+        level = logging.DEBUG if quiet and status < 400 else logging.INFO
+        if not access_log.isEnabledFor(level):
+            return
+        fields: dict[str, Any] = {
+            "request_id": rid,
+            "method": scope["method"],
+            "path": scope["path"],
+            "route": route,
+            "dialect": dialect,
+            "status": status,
+            "duration_ms": round((ended - started) * 1000, 3),
+        }
+        if passages is not None:
+            fields["passages"] = passages
+        if tokens is not None:
+            fields["tokens"] = tokens
+        if timing.tokenize:
+            fields["tokenize_ms"] = round(timing.tokenize_seconds * 1000, 3)
+        if timing.enqueued is not None:
+            fields["queue_ms"] = round(timing.queue_seconds * 1000, 3)
+            fields["compute_ms"] = round(timing.compute_seconds * 1000, 3)
+            fields["batches"] = timing.batches
+        client = scope.get("client")
+        if client:
+            fields["client"] = client[0]
+        if trace_id is not None:
+            fields["trace_id"] = trace_id
+        text = scope.get("rankserve.text")  # only set with log_request_text
+        if text is not None:
+            fields["query"], fields["passage_texts"] = text
+        access_log.log(level, "%s %s %d", scope["method"], scope["path"], status, extra=fields)
 
 
 REJECTION_REASONS = {

@@ -4,6 +4,7 @@ disconnects and request metrics. Dialects only translate JSON to these arguments
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -62,13 +63,20 @@ async def rank(
         timeout=state.settings.request_timeout_seconds,
         max_passage_tokens=max_passage_tokens,
     )
+    # For the access log and the trace (read by the observability middleware when the request is done).
+    scope = request.scope
+    scope["rankserve.validated"] = time.perf_counter()
+    scope["rankserve.passages"] = len(passages)
+    if state.settings.log_request_text:
+        scope["rankserve.text"] = (query, list(passages))
     state.metrics.in_flight.inc()
     try:
-        result = await _unless_disconnected(request, runtime.ranker.rank(rank_request))
+        result = await _unless_disconnected(request, runtime.ranker.rank(rank_request, scope.get("rankserve.timing")))
     finally:
         state.metrics.in_flight.dec()
     if result is None:
         raise ClientGone("the client disconnected")
+    scope["rankserve.tokens"] = result.prompt_tokens
     state.metrics.passages.inc(len(passages))
     state.metrics.tokens.inc(result.prompt_tokens)
     return result
