@@ -29,18 +29,31 @@ class Settings(BaseSettings):
         validation_alias=_env("served_model_name", "NIM_SERVED_MODEL_NAME"),
         description="extra model ids requests may name (comma-separated); the first is listed first",
     )
-    backend: Literal["auto", "torch"] = Field("auto", validation_alias=_env("backend"))
+    backend: Literal["auto", "torch"] = Field(
+        "auto", validation_alias=_env("backend"), description="the engine; auto: the best one this machine can run"
+    )
     device: str = Field("auto", validation_alias=_env("device"), description="auto, cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", validation_alias=_env("dtype"))
-    cpu_threads: int | None = Field(None, ge=1, validation_alias=_env("cpu_threads"))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", validation_alias=_env("dtype"), description="engine precision; auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    cpu_threads: int | None = Field(
+        None, ge=1, validation_alias=_env("cpu_threads"), description="engine threads on CPU; unset: PyTorch's default"
+    )
 
     # HTTP
-    host: str = Field("0.0.0.0", validation_alias=_env("host"))
-    port: int = Field(8000, ge=1, le=65535, validation_alias=_env("port", "NIM_HTTP_API_PORT"))
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
-        "info", validation_alias=_env("log_level", "NIM_LOG_LEVEL")
+    host: str = Field("0.0.0.0", validation_alias=_env("host"), description="listen address")
+    port: int = Field(
+        8000, ge=1, le=65535, validation_alias=_env("port", "NIM_HTTP_API_PORT"), description="listen port"
     )
-    api_key: str | None = Field(None, validation_alias=_env("api_key"), repr=False)
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", validation_alias=_env("log_level", "NIM_LOG_LEVEL"), description="server log threshold"
+    )
+    api_key: str | None = Field(
+        None,
+        validation_alias=_env("api_key"),
+        repr=False,
+        description="require `Authorization: Bearer <key>` on inference routes; unset: auth off",
+    )
     auth_public_routes: Annotated[list[Literal["health", "models", "metrics", "metadata"]], NoDecode] = Field(
         default_factory=lambda: ["health", "models", "metrics", "metadata"],
         validation_alias=_env("auth_public_routes"),
@@ -51,7 +64,9 @@ class Settings(BaseSettings):
         validation_alias=_env("cors_allow_origins"),
         description="browser origins allowed to call the API (comma-separated, `*` for any); empty: CORS off",
     )
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, validation_alias=_env("max_body_bytes"))
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, validation_alias=_env("max_body_bytes"), description="larger request bodies: 413"
+    )
     shutdown_drain_seconds: float = Field(
         0.0,
         ge=0,
@@ -80,9 +95,19 @@ class Settings(BaseSettings):
     )
 
     # Limits of one request
-    max_seq_length: int = Field(8192, ge=16, validation_alias=_env("max_seq_length", "NIM_TRITON_MAX_SEQ_LENGTH"))
-    max_passages: int = Field(512, ge=1, validation_alias=_env("max_passages"))
-    request_timeout_seconds: float = Field(60.0, gt=0, validation_alias=_env("request_timeout_seconds"))
+    max_seq_length: int = Field(
+        8192,
+        ge=16,
+        validation_alias=_env("max_seq_length", "NIM_TRITON_MAX_SEQ_LENGTH"),
+        description="tokens per query+passage pair, BOS included (at most 8192, the validated length)",
+    )
+    max_passages: int = Field(512, ge=1, validation_alias=_env("max_passages"), description="passages per request")
+    request_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        validation_alias=_env("request_timeout_seconds"),
+        description="per-request deadline from arrival (504 after it; the remaining work is dropped)",
+    )
 
     # Long documents and the score cache (see docs/configuration.md)
     long_documents: Literal["truncate", "window"] = Field(
@@ -104,17 +129,40 @@ class Settings(BaseSettings):
     )
 
     # Batching (see docs/configuration.md for how the defaults were chosen)
-    max_batch_size: int = Field(64, ge=1, validation_alias=_env("max_batch_size", "NIM_TRITON_MAX_BATCH_SIZE"))
+    max_batch_size: int = Field(
+        64,
+        ge=1,
+        validation_alias=_env("max_batch_size", "NIM_TRITON_MAX_BATCH_SIZE"),
+        description="sequences per engine batch",
+    )
     max_batch_tokens: int | None = Field(
         None,
         ge=16,
         validation_alias=_env("max_batch_tokens"),
         description="padded tokens per batch; default: the engine's measured preference (CPU 2048, CUDA 16384)",
     )
-    max_queue_tokens: int = Field(2_000_000, ge=1, validation_alias=_env("max_queue_tokens"))
-    batch_lookahead: int = Field(1024, ge=1, validation_alias=_env("batch_lookahead"))
-    min_batch_fill: float = Field(0.9, gt=0, le=1, validation_alias=_env("min_batch_fill"))
-    warmup: bool = Field(True, validation_alias=_env("warmup"))
+    max_queue_tokens: int = Field(
+        2_000_000,
+        ge=1,
+        validation_alias=_env("max_queue_tokens"),
+        description="tokens waiting for the engine; a request that would exceed it: 429 with Retry-After",
+    )
+    batch_lookahead: int = Field(
+        1024,
+        ge=1,
+        validation_alias=_env("batch_lookahead"),
+        description="oldest waiting sequences a batch is chosen from",
+    )
+    min_batch_fill: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        validation_alias=_env("min_batch_fill"),
+        description="a batch grows only while its real tokens stay at least this share of its padded tokens",
+    )
+    warmup: bool = Field(
+        True, validation_alias=_env("warmup"), description="run the engine once before reporting ready"
+    )
 
     @field_validator("served_model_name", "auth_public_routes", "cors_allow_origins", mode="before")
     @classmethod
