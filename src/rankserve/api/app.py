@@ -168,7 +168,8 @@ class PathNormalizeMiddleware:
         await self.app(scope, receive, send)
 
 
-# Successful probes and scrapes are logged at debug level only (they arrive every few seconds).
+# Probes and scrapes arrive every few seconds (and readiness answers 503 all through loading): their access lines
+# are logged at debug level only. They are counted in the metrics like every request.
 QUIET_ROUTES = ("/v1/health/live", "/v1/health/ready", "/v1/metrics", "/metrics")
 
 
@@ -250,7 +251,7 @@ class ObservabilityMiddleware:
                 log.exception("could not record the request's trace")
         if not self.state.settings.access_log:
             return
-        level = logging.DEBUG if quiet and status < 400 else logging.INFO
+        level = logging.DEBUG if quiet else logging.INFO
         if not access_log.isEnabledFor(level):
             return
         fields: dict[str, Any] = {
