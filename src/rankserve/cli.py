@@ -46,6 +46,7 @@ def _preset(path: str | None) -> dict[str, Any]:
         raise SystemExit(f"rankserve: cannot read the preset {path}: {e}") from None
     if not isinstance(data, dict):
         raise SystemExit(f"rankserve: the preset {path} must be a mapping of setting: value")
+    data.pop("build", None)  # the TensorRT build profile (configs/<gpu>.yaml): read by `rankserve build-engine`
     unknown = sorted(set(data) - set(Settings.model_fields))
     if unknown:
         raise SystemExit(f"rankserve: the preset {path} has unknown settings: {', '.join(unknown)}")
@@ -207,6 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     p_eval = sub.add_parser("eval", help="measure a reranking server on a BEIR-format dataset (docs/evaluation.md)")
     eval_command.add_arguments(p_eval)
     p_eval.set_defaults(func=eval_command.run)
+
+    from rankserve.tensorrt import command as build_engine_command  # stdlib only; TensorRT loads when it runs
+
+    p_build = sub.add_parser("build-engine", help="build a TensorRT engine for this GPU (docs/tensorrt.md)")
+    build_engine_command.add_arguments(p_build)
+    p_build.set_defaults(func=build_engine_command.run)
 
     args = parser.parse_args(argv)
     sys.exit(args.func(args))

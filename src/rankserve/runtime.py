@@ -24,8 +24,23 @@ def default_engine_factory(ckpt: Checkpoint, settings: Settings) -> Engine:
         import torch
 
         torch.set_num_threads(settings.cpu_threads)
+    from rankserve.tensorrt.auto import TensorRTOptions
+
+    tensorrt = TensorRTOptions(
+        engine_dir=settings.tensorrt_engine,
+        cache_dir=settings.engine_cache_dir,
+        build=settings.tensorrt_build,
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_seq_length=settings.max_seq_length,
+    )
     return create_engine(
-        ckpt, backend=settings.backend, device=settings.device, dtype=settings.dtype, max_length=settings.max_seq_length
+        ckpt,
+        backend=settings.backend,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_length=settings.max_seq_length,
+        tensorrt=tensorrt,
     )
 
 
@@ -36,9 +51,11 @@ def model_ids(settings: Settings) -> list[str]:
 
 
 def batch_policy(settings: Settings, engine: Engine) -> BatchPolicy:
-    return BatchPolicy(
-        max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens or engine.info.preferred_batch_tokens,
+    info = engine.info
+    budget = settings.max_batch_tokens or info.preferred_batch_tokens
+    return BatchPolicy(  # within the engine's hard limits (TensorRT profiles), whatever the settings say
+        max_batch_size=min(settings.max_batch_size, info.max_batch_size or settings.max_batch_size),
+        max_batch_tokens=min(budget, info.max_batch_tokens or budget),
         max_queue_tokens=settings.max_queue_tokens,
         lookahead=settings.batch_lookahead,
         min_fill=settings.min_batch_fill,

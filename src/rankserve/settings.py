@@ -29,7 +29,7 @@ class Settings(BaseSettings):
         validation_alias=_env("served_model_name", "NIM_SERVED_MODEL_NAME"),
         description="extra model ids requests may name (comma-separated); the first is listed first",
     )
-    backend: Literal["auto", "torch"] = Field(
+    backend: Literal["auto", "torch", "tensorrt"] = Field(
         "auto", validation_alias=_env("backend"), description="the engine; auto: the best one this machine can run"
     )
     device: str = Field("auto", validation_alias=_env("device"), description="auto, cpu, cuda, cuda:N")
@@ -38,6 +38,22 @@ class Settings(BaseSettings):
     )
     cpu_threads: int | None = Field(
         None, ge=1, validation_alias=_env("cpu_threads"), description="engine threads on CPU; unset: PyTorch's default"
+    )
+    # TensorRT (docs/tensorrt.md)
+    tensorrt_engine: str | None = Field(
+        None,
+        validation_alias=_env("tensorrt_engine"),
+        description="a built TensorRT engine directory (model.plan, engine.json) to serve; unset: the engine cache",
+    )
+    engine_cache_dir: str = Field(
+        "~/.cache/rankserve/engines",
+        validation_alias=_env("engine_cache_dir"),
+        description="TensorRT engines built at start-up, one per checkpoint, GPU and TensorRT version (a volume)",
+    )
+    tensorrt_build: bool = Field(
+        True,
+        validation_alias=_env("tensorrt_build"),
+        description="on a GPU, build a TensorRT engine at start-up when none is cached (minutes, once)",
     )
 
     # HTTP

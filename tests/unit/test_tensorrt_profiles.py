@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -85,7 +87,7 @@ def test_split_covers_every_row_once_with_fitting_chunks(budget: int, max_batch:
     profiles = plan_profiles(max_batch_size=max_batch, max_batch_tokens=budget, max_seq_length=1024)
     chunks = split_rows(profiles, rows, seq)
     assert chunks[0][0] == 0 and chunks[-1][1] == rows
-    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
     assert all(profiles[i].covers(stop - start, seq) for start, stop, i in chunks)
     assert len(chunks) == -(-rows // max(rows_at(profiles, seq), 1)) or len(chunks) == 1
 

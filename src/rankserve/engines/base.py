@@ -16,6 +16,10 @@ class EngineInfo:
     max_length: int  # longest sequence (BOS included) the engine accepts
     pad_token_id: int
     preferred_batch_tokens: int  # padded tokens per batch where throughput peaks (the scheduler's default budget)
+    # Hard shape limits (TensorRT: what its optimization profiles accept); None: no limit. The scheduler keeps
+    # its batches within them whatever the settings say.
+    max_batch_size: int | None = None
+    max_batch_tokens: int | None = None
 
 
 class EngineOutOfMemory(RuntimeError):
