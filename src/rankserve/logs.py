@@ -16,26 +16,6 @@ from datetime import datetime, timezone
 from typing import Any, Literal, TextIO
 
 ACCESS_LOGGER = "rankserve.access"
-# The fields of an access line, in order (those that are None are left out).
-ACCESS_FIELDS = (
-    "request_id",
-    "method",
-    "path",
-    "route",
-    "dialect",
-    "status",
-    "duration_ms",
-    "passages",
-    "tokens",
-    "tokenize_ms",
-    "queue_ms",
-    "compute_ms",
-    "batches",
-    "client",
-    "trace_id",
-    "query",
-    "passage_texts",
-)
 # Fields of a LogRecord itself: anything else on a record came in through `extra=` and is printed.
 _RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", "color_message"}
 
@@ -64,9 +44,8 @@ class _RequestIdFilter(logging.Filter):
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    extra = {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS and not k.startswith("_")}
-    order = {name: i for i, name in enumerate(ACCESS_FIELDS)}
-    return dict(sorted(extra.items(), key=lambda kv: order.get(kv[0], len(order))))
+    """What came in through `extra=`, in the order given (the request id, added by the filter, last)."""
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS and not k.startswith("_")}
 
 
 class JsonFormatter(logging.Formatter):

@@ -148,7 +148,8 @@ def create_app(
             CORSMiddleware,
             allow_origins=settings.cors_allow_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "traceparent"],
+            expose_headers=["X-Request-ID", "Retry-After"],
         )
     return app
 
