@@ -238,7 +238,12 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
 
 
 def referenced_metrics() -> set[str]:
-    names = set()
+    """Metric names in the dashboard, the HPA, the adapter rules and docs/operations.md."""
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    section = operations[operations.index("## Metrics") :]
+    section = section[: section.index("\n## ")]
+    names = set(re.findall(r"\brankserve_[a-z0-9_]*[a-z0-9]", section))
+    assert len(names) >= 15, "docs/operations.md lists the metrics"
     for expr in dashboard_exprs():
         names |= set(re.findall(r"\brankserve_[a-z0-9_]+", expr))
     docs = load_all()
@@ -262,6 +267,7 @@ def exported_names(exposition: str) -> set[str]:
     """Every sample name the exposition declares, whether or not a labelled family has samples yet."""
     names = set()
     for family in text_string_to_metric_families(exposition):
+        names.add(family.name)  # a histogram's or counter's family name, as docs name them
         names |= {family.name + suffix for suffix in SUFFIXES[family.type]}
         names |= {s.name for s in family.samples}
     return names
