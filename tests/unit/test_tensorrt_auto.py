@@ -204,3 +204,20 @@ def test_without_tensorrt_auto_logs_why(
         )  # fmt: skip
     assert engine is None
     assert "using the PyTorch CUDA engine: TensorRT is not available (TensorRT is not installed" in caplog.text
+
+
+def test_backend_tensorrt_without_a_gpu_says_so(
+    monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Checkpoint, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    import torch
+
+    fake_tensorrt.install(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    options = TensorRTOptions(cache_dir=str(tmp_path))
+    with pytest.raises(EngineIncompatible, match="cannot start: TensorRT needs an NVIDIA GPU and PyTorch sees none"):
+        create_engine(tiny_checkpoint, backend="tensorrt", device="cuda", dtype="auto", max_length=None,
+                      tensorrt=options)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="rankserve"):
+        assert auto.open_engine(tiny_checkpoint, device="cuda", dtype="auto", max_length=None, options=options,
+                                required=False) is None  # fmt: skip
+    assert "not using TensorRT: TensorRT needs an NVIDIA GPU" in caplog.text

@@ -85,7 +85,8 @@ class TensorRTEngine:
             if context is None:
                 raise EngineOutOfMemory(f"TensorRT could not create an execution context for profile {index}")
             stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-            context.set_optimization_profile_async(index, self._handle(stream))
+            if not context.set_optimization_profile_async(index, self._handle(stream)):
+                raise EngineIncompatible(f"TensorRT refused optimization profile {index} for its execution context")
             self._contexts.append(context)
             self._streams.append(stream)
         for stream in self._streams:
@@ -173,7 +174,11 @@ class TensorRTEngine:
     def _run(self, index: int, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         context, stream = self._contexts[index], self._streams[index]
         batch, seq = input_ids.shape
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        # The scheduler's worker thread calls this: make the engine's GPU current there, and use the profile's stream.
+        with contextlib.ExitStack() as scope:
+            if stream is not None:
+                scope.enter_context(torch.cuda.device(self.device))
+                scope.enter_context(torch.cuda.stream(stream))
             ids = torch.from_numpy(np.ascontiguousarray(input_ids)).to(self.device, self._dtypes[INPUTS[0]])
             lens = torch.from_numpy(np.ascontiguousarray(lengths)).to(self.device)
             positions = torch.arange(seq, device=self.device)

@@ -173,7 +173,13 @@ def open_engine(
     caller then falls back to PyTorch CUDA)."""
     from rankserve.tensorrt import TensorRTUnavailable, load_tensorrt
 
-    gpu = current_gpu(device)
+    try:
+        gpu = current_gpu(device)
+    except EngineIncompatible as e:
+        if required:
+            raise EngineIncompatible(f"--backend tensorrt cannot start: {e}") from None
+        log.warning("not using TensorRT: %s", e)
+        return None
     try:
         trt_version, trt_error = load_tensorrt().__version__, ""
     except TensorRTUnavailable as e:
@@ -217,6 +223,8 @@ def open_engine(
 def current_gpu(device: str) -> GpuInfo:
     import torch
 
+    if not torch.cuda.is_available():
+        raise EngineIncompatible(f"TensorRT needs an NVIDIA GPU and PyTorch sees none (device {device!r})")
     index = torch.device(device).index if device.startswith("cuda") else None
     return GpuInfo.current(torch.cuda.current_device() if index is None else index)
 

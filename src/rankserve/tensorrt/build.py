@@ -142,6 +142,14 @@ def make_progress_monitor(trt: ModuleType, out: TextIO, min_interval: float = 2.
     return ProgressMonitor()
 
 
+def _parser_error(error: Any) -> str:
+    """An `IParserError` (its node and description) or whatever the parser gave."""
+    if hasattr(error, "desc"):
+        node = error.node_name() if hasattr(error, "node_name") else ""
+        return f"{node}: {error.desc()}" if node else str(error.desc())
+    return str(error)
+
+
 def _load_timing_cache(trt: ModuleType, config: Any, path: Path | None) -> Any:
     data = b""
     if path is not None and path.is_file():
@@ -217,7 +225,7 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     started = time.monotonic()
     if not parser.parse_from_file(str(onnx_path)):  # reads external data next to the file
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
         raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors or 'no error given'}")
     log.info("parsed %s in %.1fs", onnx_path, time.monotonic() - started)
 
