@@ -101,6 +101,8 @@ class Tracing:
             attributes=attributes,
             start_time=t.wall_ns(rec.started),
         )
+        if not root.is_recording():  # not sampled: its children would not be either
+            return None
         ctx = trace.set_span_in_context(root)
 
         def child(name: str, start: float, end: float, attrs: dict[str, Any] | None = None) -> None:

@@ -198,7 +198,10 @@ class ObservabilityMiddleware:
         scope["rankserve.timing"] = timing
         scope["rankserve.request_id"] = request_id
         status = 500
-        token = logs.request_id_var.set(request_id)
+        # Lines logged on this request's path carry its id. Not reset afterwards: the server-error handler that
+        # logs an unexpected exception runs outside this middleware, and each request runs in its own task
+        # (its own copy of the context), so the id cannot leak into another request.
+        logs.request_id_var.set(request_id)
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             nonlocal status
@@ -210,7 +213,6 @@ class ObservabilityMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            logs.request_id_var.reset(token)
             if scope.get("rankserve.client_gone"):
                 status = 499  # nginx's code for "client closed the request"
             self._observe(scope, status, started, time.perf_counter(), timing, request_id)
