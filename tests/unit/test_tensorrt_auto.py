@@ -139,12 +139,18 @@ def test_auto_builds_once_then_uses_the_cache(
     meta = read_metadata(entry)
     assert meta.checkpoint_fingerprint == tiny_checkpoint.fingerprint and meta.precision == "bf16"
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no work dirs left
-    assert (tmp_path / "cache" / "timing-sm90.cache").is_file()
+    assert (tmp_path / "cache" / f"timing-sm90-trt{VERSION}.cache").is_file()
 
     second = make()
     assert isinstance(second, TensorRTEngine) and fake_tensorrt.Builder.builds == 1 and len(gpu_here) == 1
     ids, lengths = random_batch(__import__("numpy").random.default_rng(3), 4, 100)
     assert second.score(ids, lengths) == pytest.approx(reference_logits(ids, lengths), rel=1e-6)
+
+    (entry / "engine.json").write_text("{}")  # a damaged entry is rebuilt in place
+    with caplog.at_level(logging.WARNING, logger="rankserve"):
+        third = make()
+    assert isinstance(third, TensorRTEngine) and fake_tensorrt.Builder.builds == 2
+    assert "ignoring the cached engine" in caplog.text and read_metadata(entry).precision == "bf16"
 
 
 def test_auto_falls_back_to_pytorch_with_the_reason(

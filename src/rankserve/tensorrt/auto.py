@@ -137,20 +137,24 @@ def build_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build_cached(ckpt: Checkpoint, destination: Path, target: BuildTarget, gpu: GpuInfo) -> Path:
+def build_cached(ckpt: Checkpoint, destination: Path, target: BuildTarget, gpu: GpuInfo, tensorrt_version: str) -> Path:
     """Export the checkpoint to ONNX in the target precision and build into `destination` (atomically: a crashed
-    build leaves no half-written entry). A replica that finds the entry built while it waited uses it."""
+    build leaves no half-written entry). A replica that finds the entry built while it waited uses it; an unusable
+    entry is replaced."""
     from rankserve.export.onnx import export_onnx
     from rankserve.tensorrt.build import DTYPE_OF_PRECISION, build_engine
 
     with build_lock(destination.with_name(destination.name + ".lock")):
-        if (destination / PLAN_FILE).is_file():
-            return destination
+        if destination.exists():
+            if _unusable(destination, tensorrt_version, gpu, ckpt.fingerprint) is None:
+                return destination
+            shutil.rmtree(destination)
         work = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
         try:
             print(f"exporting {ckpt.path} to ONNX ({target.precision}) for the TensorRT build", file=sys.stderr)
             onnx_path = export_onnx(ckpt, work / "onnx", dtype=DTYPE_OF_PRECISION[target.precision])
-            timing = destination.parent / f"timing-sm{gpu.compute_capability.replace('.', '')}.cache"
+            version = re.sub(r"[^0-9A-Za-z.]", "_", tensorrt_version)
+            timing = destination.parent / f"timing-sm{gpu.compute_capability.replace('.', '')}-trt{version}.cache"
             build_engine(
                 onnx_path,
                 work / "engine",
@@ -211,7 +215,7 @@ def open_engine(
         assert decision.path is not None
         path = decision.path
         if decision.action == "build":
-            path = build_cached(ckpt, decision.path, target, gpu)
+            path = build_cached(ckpt, decision.path, target, gpu, trt_version or "")
         return TensorRTEngine.from_directory(path, ckpt, device=cuda, max_length=max_length)
     except Exception as e:
         if required:
