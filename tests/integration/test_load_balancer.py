@@ -33,6 +33,7 @@ CLIENT_THREADS = 4
 REQUESTS_PER_THREAD = 25
 KILL_AFTER = 16  # completed requests before one replica is killed
 AFTER_REQUESTS = 8  # sequential requests once the load is over: none may try the dead replica
+DRAIN_SECONDS = 2  # the replicas' shutdown_drain_seconds (SIGTERM: readiness and new requests 503 this long)
 
 QUERIES = ["which way should i go?", "how much protein should a female eat", "what is a reranker", "ports and docks"]
 PASSAGES = [
@@ -178,10 +179,12 @@ class Outcome:
     response: Any
 
 
-@pytest.mark.timeout(240)
-def test_replica_killed_under_load(
-    nginx_factory: Any, tiny_checkpoint_dir: Path, tmp_path: Path, reference: Reference
-) -> None:
+def scenario(
+    nginx_factory: Any, checkpoint_dir: Path, tmp_path: Path, reference: Reference, stop_signal: signal.Signals
+) -> tuple[list[dict[str, Any]], CliServer]:
+    """Two replicas behind nginx; load from CLIENT_THREADS threads; `stop_signal` to the first replica after
+    KILL_AFTER answers; then AFTER_REQUESTS sequential requests. Checks every answer and the rotation; returns the
+    nginx log lines and the stopped replica."""
     bodies = [
         (ranking_body(q, PASSAGES[i % 3 : i % 3 + 4], truncate="END"), q, PASSAGES[i % 3 : i % 3 + 4])
         for i, q in enumerate(QUERIES)
@@ -191,7 +194,8 @@ def test_replica_killed_under_load(
     replicas: list[CliServer] = []
     try:
         for _ in range(2):
-            replicas.append(start_cli(tiny_checkpoint_dir, tmp_path, "--cpu-threads", "1"))
+            flags = ("--cpu-threads", "1", "--shutdown-drain-seconds", str(DRAIN_SECONDS))
+            replicas.append(start_cli(checkpoint_dir, tmp_path, *flags))
         addrs = [r.url.removeprefix("http://") for r in replicas]
         victim, survivor = addrs
         nginx = nginx_factory(addrs)
@@ -222,22 +226,22 @@ def test_replica_killed_under_load(
         while len(outcomes) < KILL_AFTER and time.monotonic() < deadline and not errors:
             time.sleep(0.002)
         assert len(outcomes) >= KILL_AFTER, f"load did not get going: {errors}"
-        killed_at = time.monotonic()
-        replicas[0].proc.send_signal(signal.SIGKILL)
-        replicas[0].proc.wait(timeout=10)
+        stopped_at = time.monotonic()
+        replicas[0].proc.send_signal(stop_signal)
         for t in threads:
             t.join(timeout=120)
         assert not any(t.is_alive() for t in threads), "client threads did not finish"
         assert not errors, errors
+        replicas[0].proc.wait(timeout=DRAIN_SECONDS + 30)
 
         # Every request answered, with the right ranking.
         assert len(outcomes) == CLIENT_THREADS * REQUESTS_PER_THREAD
         for out in outcomes:
             assert out.status == 200, (out.request_id, out.status, out.response)
             assert_matches_reference(out.response, expected[out.body])
-        assert sum(out.started > killed_at for out in outcomes) >= CLIENT_THREADS, "the load must go on after the kill"
+        assert sum(out.started > stopped_at for out in outcomes) >= CLIENT_THREADS, "the load goes on after the stop"
 
-        # Once the load is over: the dead replica is out of rotation, every request goes straight to the survivor.
+        # Once the load is over: requests go to the survivor.
         with httpx.Client(base_url=nginx.url, timeout=30) as client:
             for i in range(AFTER_REQUESTS):
                 r = client.post("/v1/ranking", json=bodies[i % len(bodies)][0], headers={"X-Request-ID": f"after-{i}"})
@@ -247,16 +251,19 @@ def test_replica_killed_under_load(
         lines = {line["request_id"]: line for line in nginx.log_lines()}
         assert set(lines) >= {out.request_id for out in outcomes}, "nginx must log every request with its id"
         tried = {rid: [a.strip() for a in line["upstream_addr"].split(",")] for rid, line in lines.items()}
-        before = [out for out in outcomes if out.finished < killed_at]
+        before = [out for out in outcomes if out.finished < stopped_at]
         assert {a for out in before for a in tried[out.request_id]} == {victim, survivor}, "both replicas served"
         retried = [rid for rid, addrs_ in tried.items() if addrs_[:1] == [victim] and addrs_[-1] == survivor]
-        assert retried, "some request must have gone to the dead replica and been retried on the survivor"
-        in_flight = sum(out.started < killed_at < out.finished for out in outcomes)
-        print(f"\n{len(outcomes)} requests, {in_flight} in flight at the kill, retried on the survivor: {retried}")
+        assert retried, "some request must have gone to the stopped replica and been retried on the survivor"
+        in_flight = sum(out.started < stopped_at < out.finished for out in outcomes)
+        print(
+            f"\n{stop_signal.name}: {len(outcomes)} requests, {in_flight} in flight at the signal, retried: {retried}"
+        )
         for rid, line in lines.items():
             assert line["status"] == 200, line
             assert tried[rid][-1] in (victim, survivor)
-        # nginx's passive health check took the dead replica out of rotation ...
+
+        # nginx's passive health check took the replica out of rotation ...
         disabled = rf'upstream server temporarily disabled .*upstream: "http://{re.escape(victim)}/'
         assert re.search(disabled, nginx.error_log()), nginx.error_log()
         # ... so the requests after the load go straight to the survivor. nginx gives a failed replica one request
@@ -268,8 +275,30 @@ def test_replica_killed_under_load(
             if tried[f"after-{i}"] != [survivor]:
                 assert tried[f"after-{i}"] == [victim, survivor], line
                 previous = max(t for t in victim_tried_at if t < line["msec"])
-                assert line["msec"] - previous >= fail_timeout - 2, ("the dead replica was still in rotation", line)
+                assert line["msec"] - previous >= fail_timeout - 2, ("the stopped replica was still in rotation", line)
         assert replicas[1].proc.poll() is None, "the survivor must still be running"
+        return [lines[rid] for rid in retried], replicas[0]
     finally:
         for r in replicas:
             r.stop()
+
+
+@pytest.mark.timeout(240)
+def test_replica_killed_under_load(
+    nginx_factory: Any, tiny_checkpoint_dir: Path, tmp_path: Path, reference: Reference
+) -> None:
+    """SIGKILL: the requests in flight on the dead replica are reset, nginx resends them (POST, deliberately)."""
+    retried, dead = scenario(nginx_factory, tiny_checkpoint_dir, tmp_path, reference, signal.SIGKILL)
+    assert dead.proc.returncode == -signal.SIGKILL
+    assert all(line["upstream_status"].split(", ")[-1] == "200" for line in retried)
+
+
+@pytest.mark.timeout(240)
+def test_replica_drained_under_load(
+    nginx_factory: Any, tiny_checkpoint_dir: Path, tmp_path: Path, reference: Reference
+) -> None:
+    """SIGTERM (a rolling update): the draining replica finishes what it has, answers 503 to new requests, which
+    nginx sends to the other replica; then it exits cleanly."""
+    retried, drained = scenario(nginx_factory, tiny_checkpoint_dir, tmp_path, reference, signal.SIGTERM)
+    assert drained.proc.returncode == 0, drained.log()
+    assert any(line["upstream_status"].startswith("503, ") for line in retried), retried
