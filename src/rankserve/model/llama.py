@@ -274,6 +274,7 @@ def varlen_attention(
     repeats = n_heads // n_kv_heads
 
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        v = v.contiguous()  # a view into the fused q|k|v output; q and k come out of RoPE contiguous
         if gqa:
             return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, enable_gqa=True)
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
