@@ -153,6 +153,7 @@ class GpuMemoryCollector(Collector):
 
     def __init__(self) -> None:
         self.device: str | None = None
+        self._warned = False
 
     def collect(self) -> Iterator[Metric]:
         device = self.device
@@ -169,7 +170,11 @@ class GpuMemoryCollector(Collector):
                 "total": torch.cuda.get_device_properties(index).total_memory,
             }
         except Exception:  # a scrape must not fail because the device is in a bad state
-            log.warning("could not read GPU memory for %s", device, exc_info=True)
+            if not self._warned:  # once, not at every scrape
+                self._warned = True
+                log.warning(
+                    "cannot read GPU memory for %s; rankserve_gpu_memory_bytes is left out", device, exc_info=True
+                )
             return
         family = GaugeMetricFamily(
             "rankserve_gpu_memory_bytes", "GPU memory by kind: allocated, reserved, total", labels=["device", "kind"]

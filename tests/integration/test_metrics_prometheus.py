@@ -20,6 +20,7 @@ from tests.integration._support import (
     assert_error,
     free_port,
     metric,
+    parse_metrics,
     ranking_body,
 )
 
@@ -132,6 +133,25 @@ def test_queue_depth_counts_waiting_sequences(controlled_server: ServerThread) -
     assert seen and max(seen) > 0, seen
     assert max(seen) <= len(passages)
     assert metric(controlled_server.metrics(), "rankserve_queue_depth") == 0
+
+
+def test_gpu_memory_is_read_at_scrape_time_only_on_cuda() -> None:
+    torch = pytest.importorskip("torch")
+    from rankserve.telemetry import Metrics
+
+    metrics = Metrics()
+    metrics.gpu.device = "cpu"
+    assert "rankserve_gpu_memory_bytes" not in parse_metrics(metrics.render().decode())
+    metrics.gpu.device = "cuda:0"
+    samples = parse_metrics(metrics.render().decode())
+    if torch.cuda.is_available():
+        kinds = {lab["kind"]: v for lab, v in samples["rankserve_gpu_memory_bytes"] if lab["device"] == "cuda:0"}
+        assert set(kinds) == {"allocated", "reserved", "total"}
+        assert 0 <= kinds["allocated"] <= kinds["reserved"] <= kinds["total"] and kinds["total"] > 0
+    else:  # PyTorch without CUDA: the read fails; the scrape still answers, without the GPU series
+        assert "rankserve_gpu_memory_bytes" not in samples
+        assert "rankserve_requests_in_flight" in samples
+    assert "rankserve_gpu_memory_bytes" not in parse_metrics(Metrics().render().decode())  # no engine yet
 
 
 # -- a real Prometheus scraping a running server --------------------------------------------------------------
