@@ -8,9 +8,8 @@ a clear message at start-up, not a deserialization failure or, worse, another mo
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from rankserve.tensorrt import version_tuple
 from rankserve.tensorrt.profiles import Profile
@@ -52,7 +51,6 @@ class EngineMetadata:
     target: str = ""  # configs/<target>.yaml, when built from one
     onnx_sha256: str = ""
     built_at: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = asdict(self)
