@@ -125,3 +125,12 @@ def test_parser_errors_are_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     with pytest.raises(BuildError, match="ONNX parser rejected"):
         build_engine(onnx_path, tmp_path / "e", small_target(), gpu=H100, progress=None)
     assert not (tmp_path / "e" / METADATA_FILE).exists()
+
+
+def test_an_fp8_quantized_graph_builds_an_fp8_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake_tensorrt.install(monkeypatch)
+    onnx_path = contract_onnx(tmp_path / "onnx", dtype="bfloat16", fp8=True)  # ModelOpt keeps the bf16 metadata
+    meta = build_engine(onnx_path, tmp_path / "e", small_target(), gpu=H100, precision="fp8", progress=None)
+    assert meta.precision == "fp8"
+    with pytest.raises(BuildError, match=r"fp8 graph.*cannot give a bf16 engine"):
+        build_engine(onnx_path, tmp_path / "e2", small_target(), gpu=H100, precision="bf16", progress=None)
