@@ -417,6 +417,15 @@ def stage_fp8(c: Check) -> dict[str, Any]:
             "spearman_mean": round(float(np.mean(rho)), 5),
             "top10_agreement": round(float(np.mean(top10)), 3),
         }
+    if c.args.compile and c.left > 120:
+        try:
+            engine = c.engine(c.full_dir, fp8=True, compile=True)
+            engine.warmup()
+            out["fp8+compile speed"] = _uniform(c, "fp8+compile", engine.score, cfg, [512], c.args.budget_tokens)["512"]
+            del engine
+        except Exception as e:
+            out["fp8+compile speed"] = {"error": f"{type(e).__name__}: {e}"}
+        free_device_memory()
     scale = float(np.abs(np.concatenate(logits["fp32"])).mean())
     out["mean_abs_logit_fp32"] = round(scale, 3)
     out["fp8 / bf16 speed"] = round(out["fp8 speed"]["pairs_s"] / out["bf16 speed"]["pairs_s"], 2)
@@ -770,8 +779,8 @@ def main(argv: list[str] | None = None) -> int:
         ("mixed", lambda: stage_mixed(c), 40),
         ("latency", lambda: stage_latency(c), 30),
         ("http", lambda: stage_http(c), 100),
-        ("fp8", lambda: stage_fp8(c), 50),
         ("graphs", lambda: stage_graphs(c), 40),
+        ("fp8", lambda: stage_fp8(c), 50),
     ]
     for name, fn, need in stages:
         if name in args.skip:

@@ -41,6 +41,8 @@ CPU_BATCH_TOKENS = 2048
 CUDA_BATCH_TOKENS = 16384
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# scaled_dot_product_attention(enable_gqa=...) since PyTorch 2.5
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,7 @@ class TorchEngine:
         cfg = self.model.config
         if self.attention == "varlen":
             return varlen_attention(cu_seqlens, max_seqlen, cfg.num_attention_heads, cfg.num_key_value_heads, self._gqa)
-        gqa = self.device.type == "cuda"
+        gqa = self.device.type == "cuda" and SDPA_GQA  # no copies of the KV heads
         return padded_attention(seq_ids, positions, cu_seqlens[1:] - cu_seqlens[:-1], max_seqlen, gqa=gqa)
 
     def _forward_packed(

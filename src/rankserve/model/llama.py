@@ -209,7 +209,7 @@ class Reranker(nn.Module):
         h = self.model.embed_tokens(input_ids).float()
         for layer, path in zip(self.model.layers, fast, strict=True):
             h = _layer_packed(layer, path, h, cos, sin, attend)
-        hidden = self.model.norm(h)
+        hidden = _rms_norm(self.model.norm, h)
         pooled = self.pool_packed(hidden, seq_ids, cu_seqlens)
         logits = pooled @ self.score.weight.float().T
         return logits[:, 0] / self.config.temperature
@@ -383,14 +383,19 @@ class FastPath:
         self.down = lin(mlp.down_proj)
 
 
+def _rms_norm(norm: RMSNorm, x: Tensor) -> Tensor:
+    """`RMSNorm.forward` through `F.rms_norm` (one fused kernel where PyTorch has one): fp32 in, weight dtype out."""
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(norm.weight.dtype)
+
+
 def _layer_packed(layer: DecoderLayer, fast: FastPath, h: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
     """One decoder layer on packed tokens `h` `[T, D]` (fp32 residual stream)."""
     attn = layer.self_attn
     tokens = h.shape[0]
-    q, k, v = fast.qkv(layer.input_layernorm(h)).split(fast.splits, dim=-1)
+    q, k, v = fast.qkv(_rms_norm(layer.input_layernorm, h)).split(fast.splits, dim=-1)
     q = apply_rope(q.view(tokens, attn.n_heads, attn.head_dim), cos, sin)
     k = apply_rope(k.view(tokens, attn.n_kv_heads, attn.head_dim), cos, sin)
     v = v.view(tokens, attn.n_kv_heads, attn.head_dim)
     h = h + fast.o(attend(q, k, v).reshape(tokens, -1)).float()
-    gate, up = fast.gate_up(layer.post_attention_layernorm(h)).split(fast.intermediate, dim=-1)
+    gate, up = fast.gate_up(_rms_norm(layer.post_attention_layernorm, h)).split(fast.intermediate, dim=-1)
     return h + fast.down(F.silu(gate) * up).float()
