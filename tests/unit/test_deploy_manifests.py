@@ -126,8 +126,32 @@ def test_deployment_gpu_probes_and_shutdown(docs: dict[str, dict[str, Any]]) -> 
     assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
 
+    volumes = {v["name"] for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    assert mounts[env["HF_HOME"]] in {v["name"] for v in pod["volumes"]}, "the model cache is a volume"
+    assert set(mounts.values()) <= volumes
+    for cache in ("HF_HOME", "RANKSERVE_ENGINE_CACHE_DIR"):  # the model download and the TensorRT engines
+        assert any(Path(env[cache]).is_relative_to(m) for m in mounts), f"{cache} is on a volume"
+
+    args = c.get("args", [])
+    if "--config" in args:
+        assert (ROOT / args[args.index("--config") + 1]).is_file(), "the preset is one the image holds (configs/)"
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
+def test_manifests_match_the_images(docs: dict[str, dict[str, Any]], dockerfile: str) -> None:
+    """The pod runs as the images' user, mounts their cache volume and serves on their port."""
+    path = ROOT / dockerfile
+    if not path.exists():
+        pytest.skip(f"{dockerfile} is not in this checkout")
+    text = path.read_text()
+    user = re.search(r"^USER (\d+)", text, re.M)
+    volume = re.search(r"^VOLUME (\[.*\])", text, re.M)
+    port = re.search(r"^EXPOSE (\d+)", text, re.M)
+    assert user and volume and port
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == int(user.group(1))
+    assert {m["mountPath"] for m in container(docs)["volumeMounts"]} >= set(json.loads(volume.group(1)))
+    assert {p["containerPort"] for p in container(docs)["ports"]} == {int(port.group(1))}
 
 
 def test_service_pdb_and_hpa_point_at_the_deployment(docs: dict[str, dict[str, Any]]) -> None:
