@@ -147,3 +147,31 @@ def test_cuda_fp8_close_to_bf16(tiny_checkpoint) -> None:
     ids, lens = _batch(5, [64, 200, 31])
     a, b = bf16.score(ids, lens), fp8.score(ids, lens)
     assert np.abs(a - b).max() < 0.1 * max(1.0, float(np.abs(a).max()))
+
+
+def test_varlen_self_check_falls_back_to_sdpa(tiny_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the automatically chosen varlen kernel fails or disagrees with SDPA, the engine switches to SDPA."""
+    import rankserve.engines.torch_engine as te
+
+    engine = _engine(tiny_checkpoint, packed="on")
+    engine.attention = "varlen"  # as on a GPU; on CPU the flash kernel raises
+    assert engine.check_varlen() is False and engine.attention == "sdpa"
+
+    def wrong(cu_seqlens, max_seqlen, n_heads, n_kv_heads, gqa=None):  # runs, but computes something else
+        return lambda q, k, v: torch.zeros_like(q)
+
+    monkeypatch.setattr(te, "varlen_attention", wrong)
+    engine.attention = "varlen"
+    assert engine.check_varlen() is False and engine.attention == "sdpa"
+
+    def right(cu_seqlens, max_seqlen, n_heads, n_kv_heads, gqa=None):  # the SDPA path under another name
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        positions = torch.arange(len(seq_ids)) - cu_seqlens[:-1][seq_ids]
+        return padded_attention(seq_ids, positions, lengths, max_seqlen, gqa=False)
+
+    monkeypatch.setattr(te, "varlen_attention", right)
+    engine.attention = "varlen"
+    assert engine.check_varlen() is True and engine.attention == "varlen"
+    ids, lens = _batch(30, [12, 50, 3])
+    assert np.abs(engine.score(ids, lens) - _engine(tiny_checkpoint).score(ids, lens)).max() < 1e-4

@@ -224,6 +224,8 @@ class TorchEngine:
     # -- start-up -----------------------------------------------------------------------------------------
 
     def warmup(self) -> None:
+        if self.packed and self.attention == "varlen" and self.options.attention == "auto":
+            self.check_varlen()
         shapes = [(1, 8), (4, 64)]
         if self.device.type == "cuda":
             shapes += [
@@ -240,7 +242,35 @@ class TorchEngine:
             self.score(ids, np.full(batch, seqlen, dtype=np.int64))
             self.score(ids, np.maximum(1, rng.integers(seqlen // 2, seqlen + 1, batch)))
         if self.packed and self.options.cuda_graphs and self.graphs is None:
-            self.capture_graphs()
+            try:
+                self.capture_graphs()
+            except Exception:  # same logits without graphs: serve eagerly rather than not at all
+                log.exception("CUDA graph capture failed; running every batch eagerly")
+                self.graphs = None
+
+    @torch.inference_mode()
+    def check_varlen(self) -> bool:
+        """Chosen automatically, the varlen kernel must agree with SDPA on a small mixed batch; if it fails or
+        disagrees (an untried PyTorch build), the engine uses SDPA and says so. Returns whether varlen stays."""
+        rng = np.random.default_rng(1)
+        lengths = np.array([37, 5, 64, 1], dtype=np.int64)
+        ids = rng.integers(0, 128000, (len(lengths), int(lengths.max())), dtype=np.int64)
+        p = pack(ids, lengths)
+        try:
+            t = self._to_device(p)
+            got = self._forward_packed(*t, p.max_seqlen)
+            self.attention = "sdpa"
+            want = self._forward_packed(*self._to_device(p), p.max_seqlen)
+            diff = float((got.float() - want.float()).abs().max())
+            tol = 0.05 * max(1.0, float(want.float().abs().max()))
+            if not diff <= tol:
+                raise RuntimeError(f"varlen and SDPA logits differ by {diff:.4g} (> {tol:.3g})")
+        except Exception as e:
+            log.warning("varlen attention unusable here (%s); using SDPA on padded copies instead", e)
+            self.attention = "sdpa"
+            return False
+        self.attention = "varlen"
+        return True
 
     def capture_graphs(self) -> None:
         if not self.packed:
