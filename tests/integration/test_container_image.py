@@ -1,10 +1,11 @@
-"""Dockerfile.cpu, without Docker: what the image runs, CI runs.
+"""The images without Docker: what an image runs, CI runs.
 
-The image cannot be built in CI (no Docker daemon, no registry but PyPI), so this reads the Dockerfile and runs
-its ENTRYPOINT + CMD with its ENV (only the model, the port, the host and the cache moved to the test's) as a real
-process, runs its HEALTHCHECK command against it, stops it with its STOPSIGNAL and checks the stop is clean and
-within the drain. It also checks the image is non-root, exposes the port it serves, and installs the package as
-the Makefile does.
+The images cannot be built in CI (no Docker daemon, no registry but PyPI), so this reads each Dockerfile
+(Dockerfile.cpu and the GPU Dockerfile) and runs its ENTRYPOINT + CMD with its ENV (only the model, the port, the
+host and the volume's paths moved to the test's) as a real process, runs its HEALTHCHECK command against it, stops
+it with its STOPSIGNAL and checks that it drains and exits 0. For the CPU image it also checks that it is non-root,
+exposes the port it serves and installs the package as the Makefile does (tests/unit/test_tensorrt_dockerfile.py
+does so for the GPU image).
 """
 
 from __future__ import annotations
@@ -109,10 +110,19 @@ def test_image_installs_as_the_makefile_does(dockerfile: Dockerfile) -> None:
 
 
 def image_env(dockerfile: Dockerfile, tmp_path: Path, port: int, model: Path) -> dict[str, str]:
+    """The image's ENV, with paths on its volume moved into the test's folder, the test's port and model, loopback,
+    and this interpreter's environment instead of the image's (PATH, VIRTUAL_ENV, pip's settings)."""
     env = clean_env(tmp_path)
-    env |= {k: v for k, v in dockerfile.env.items() if not k.startswith("PIP_")}
-    env |= {"HF_HOME": str(tmp_path / "hf-cache"), "NIM_HTTP_API_PORT": str(port), "RANKSERVE_HOST": "127.0.0.1"}
-    env |= {"RANKSERVE_MODEL": str(model), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    volumes = json.loads(dockerfile.one("VOLUME"))
+    for name, value in dockerfile.env.items():
+        if name in ("PATH", "VIRTUAL_ENV") or name.startswith("PIP_"):
+            continue
+        for volume in volumes:
+            if value.startswith(volume):
+                value = str(tmp_path / "volume") + value[len(volume) :]
+        env[name] = value
+    env |= {"NIM_HTTP_API_PORT": str(port), "RANKSERVE_HOST": "127.0.0.1", "RANKSERVE_MODEL": str(model)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
@@ -122,9 +132,15 @@ def healthcheck(command: list[str], env: dict[str, str], timeout: float) -> int:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("image", ["Dockerfile.cpu", "Dockerfile"])
 def test_image_command_serves_passes_its_healthcheck_and_stops_cleanly(
-    dockerfile: Dockerfile, tiny_checkpoint_dir: Path, tmp_path: Path
+    image: str, tiny_checkpoint_dir: Path, tmp_path: Path
 ) -> None:
+    """Both images' commands, here on the CPU: the GPU image's `rankserve serve` picks its engine by itself
+    (TensorRT or CUDA where there is a GPU, the CPU here), so its command, health check and stop are the same."""
+    if not (ROOT / image).exists():
+        pytest.skip(f"{image} is not in this checkout")
+    dockerfile = Dockerfile.parse(ROOT / image)
     argv = dockerfile.exec_form("ENTRYPOINT") + dockerfile.exec_form("CMD")
     assert argv[:2] == ["rankserve", "serve"]
     executable = shutil.which(argv[0], path=str(Path(sys.executable).parent))
