@@ -5,8 +5,8 @@
     python scripts/gpu_check.py --output DIR --dry-run  # on a CPU: tiny checkpoint, tiny sizes, every code path
 
 Stages, in order; each records its numbers or its error and the next one runs regardless, and a stage that
-would not fit the time left is skipped and said so (`--budget`, default 420 s, so the whole check stays under
-8 minutes with the install):
+would not fit the time left is skipped and said so (`--budget`, default 420 s; gpu_check.sh passes 390, so the
+whole check stays under 8 minutes with the install and the GPU unit tests):
 
 1. environment: GPU, driver, PyTorch; the measured bf16 matmul rate (8192³), the yardstick of MFU.
 2. checkpoints: the tiny one (parity) and the full-size one with random weights, drawn on the GPU.
@@ -338,7 +338,7 @@ def stage_mixed(c: Check) -> dict[str, Any]:
 
     assert c.full_dir is not None
     cfg = open_checkpoint(str(c.full_dir)).config
-    profile = bench_workload.PROFILES["rag"]
+    profile = bench_workload.PROFILES[c.args.profile]
     c.workload = wl = bench_workload.build(profile, c.args.requests, 0, str(c.full_dir / "tokenizer.json"))
     rng = np.random.default_rng(3)
     requests = [random_batch(rng, [min(n, cfg.max_length) for n in req], cfg.pad_token_id) for req in wl.pair_tokens]
@@ -562,7 +562,7 @@ def stage_http(c: Check) -> dict[str, Any]:
             "requests": len(times),
         }
         wl = c.workload or bench_workload.build(
-            bench_workload.PROFILES["rag"], c.args.requests, 0, str(c.full_dir / "tokenizer.json")
+            bench_workload.PROFILES[c.args.profile], c.args.requests, 0, str(c.full_dir / "tokenizer.json")
         )
         out["workload"] = wl.stats["description"]
         for clients in c.args.clients:
@@ -754,6 +754,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sweep = [256, 1024] if dry else [4096, 8192, 16384, 32768]
     args.seconds = 0.2 if dry else 1.0
     args.requests = 6 if dry else 60
+    args.profile = "rag-cpu" if dry else "rag"  # scripts/bench_workload.py
     args.fp8_requests = 2 if dry else 8
     args.latency_requests = 3 if dry else 20
     args.clients = [2] if dry else [8, 32]

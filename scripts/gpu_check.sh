@@ -8,8 +8,9 @@
 # Steps: install rankserve and its missing dependencies from the wheel folder (RANKSERVE_WHEELS, default .whl)
 # into a private target (no index); then scripts/gpu_check.py: the full-size random checkpoint drawn on the GPU,
 # GPU bf16 vs CPU fp32 parity on the tiny checkpoint, engine / mixed / latency / HTTP / FP8 / graphs benchmarks,
-# each with the Hugging Face eager baseline in the same run. Under 8 minutes on an H100/H200; writes
-# gpu_check.json, gpu_check.md and server.log into OUTPUT_DIR and prints a short table last.
+# each with the Hugging Face eager baseline in the same run; before it, the GPU unit tests (pytest.log).
+# Under 8 minutes on an H100/H200; writes gpu_check.json, gpu_check.md, server.log and pytest.log into
+# OUTPUT_DIR and prints a short table last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
@@ -44,5 +45,15 @@ fi
 '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
 echo "installed in $(( $(date +%s) - start ))s"
 
-"$PY" scripts/gpu_check.py --output "$OUTPUT" "$@"
+# The GPU tests of the suite (they skip on a CPU): the CUDA engine's variants against the CPU fp32 engine.
+if [ "${GPU_CHECK_PYTEST:-1}" != 0 ]; then
+  if timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_gpu_engine.py tests/unit/test_packing.py \
+       >"$OUTPUT/pytest.log" 2>&1; then
+    echo "GPU unit tests: $(tail -1 "$OUTPUT/pytest.log")"
+  else
+    echo "GPU unit tests FAILED (see $OUTPUT/pytest.log): $(tail -1 "$OUTPUT/pytest.log")"
+  fi
+fi
+
+"$PY" scripts/gpu_check.py --output "$OUTPUT" --budget "${GPU_CHECK_BUDGET:-390}" "$@"
 echo "total $(( $(date +%s) - start ))s"
