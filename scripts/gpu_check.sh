@@ -55,5 +55,5 @@ if [ "${GPU_CHECK_PYTEST:-1}" != 0 ]; then
   fi
 fi
 
-"$PY" scripts/gpu_check.py --output "$OUTPUT" --budget "${GPU_CHECK_BUDGET:-390}" "$@"
+"$PY" scripts/gpu_check.py --output "$OUTPUT" --budget "${GPU_CHECK_BUDGET:-360}" "$@"
 echo "total $(( $(date +%s) - start ))s"
