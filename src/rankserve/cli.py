@@ -215,6 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     build_engine_command.add_arguments(p_build)
     p_build.set_defaults(func=build_engine_command.run)
 
+    from rankserve.export import command as export_command  # stdlib only; torch and onnx load when it runs
+
+    p_export = sub.add_parser("export", help="export the model to another format (docs/onnx.md)")
+    export_command.add_arguments(p_export)
+
     args = parser.parse_args(argv)
     sys.exit(args.func(args))
 

@@ -34,6 +34,14 @@ def default_engine_factory(ckpt: Checkpoint, settings: Settings) -> Engine:
         max_batch_tokens=settings.max_batch_tokens,
         max_seq_length=settings.max_seq_length,
     )
+    from rankserve.engines.onnxruntime_engine import OnnxRuntimeOptions
+
+    onnxruntime = OnnxRuntimeOptions(
+        cache_dir=settings.onnx_cache_dir,
+        int8=settings.onnx_int8,
+        save_optimized=settings.onnx_save_optimized,
+        threads=settings.cpu_threads,
+    )
     return create_engine(
         ckpt,
         backend=settings.backend,
@@ -41,6 +49,7 @@ def default_engine_factory(ckpt: Checkpoint, settings: Settings) -> Engine:
         dtype=settings.dtype,
         max_length=settings.max_seq_length,
         tensorrt=tensorrt,
+        onnxruntime=onnxruntime,
     )
 
 

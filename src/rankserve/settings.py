@@ -29,7 +29,7 @@ class Settings(BaseSettings):
         validation_alias=_env("served_model_name", "NIM_SERVED_MODEL_NAME"),
         description="extra model ids requests may name (comma-separated); the first is listed first",
     )
-    backend: Literal["auto", "torch", "tensorrt"] = Field(
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = Field(
         "auto", validation_alias=_env("backend"), description="the engine; auto: the best one this machine can run"
     )
     device: str = Field("auto", validation_alias=_env("device"), description="auto, cpu, cuda, cuda:N")
@@ -38,6 +38,22 @@ class Settings(BaseSettings):
     )
     cpu_threads: int | None = Field(
         None, ge=1, validation_alias=_env("cpu_threads"), description="engine threads on CPU; unset: PyTorch's default"
+    )
+    # ONNX Runtime on CPU (docs/onnx.md)
+    onnx_cache_dir: str | None = Field(
+        None,
+        validation_alias=_env("onnx_cache_dir"),
+        description="where the onnxruntime backend keeps exported graphs; unset: an onnx/ folder in the checkpoint",
+    )
+    onnx_int8: bool = Field(
+        False,
+        validation_alias=_env("onnx_int8"),
+        description="onnxruntime: int8 dynamic quantization of the linear layers (faster on CPU, small accuracy cost)",
+    )
+    onnx_save_optimized: bool = Field(
+        False,
+        validation_alias=_env("onnx_save_optimized"),
+        description="onnxruntime: save the optimized graph beside the export and load it on later starts",
     )
     # TensorRT (docs/tensorrt.md)
     tensorrt_engine: str | None = Field(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from rankserve.engines.base import Engine, EngineInfo, EngineOutOfMemory
 from rankserve.model.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
+    from rankserve.engines.onnxruntime_engine import OnnxRuntimeOptions
     from rankserve.tensorrt.auto import TensorRTOptions
 
-BACKENDS = ("auto", "torch", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+# What `auto` runs on a CPU: the faster backend as measured by scripts/bench_backends.py (docs/benchmarks.md).
+CPU_AUTO_BACKEND = "torch"
 
 
 def _on_gpu(device: str) -> bool:
@@ -33,6 +37,7 @@ def create_engine(
     dtype: str,
     max_length: int | None,
     tensorrt: TensorRTOptions | None = None,
+    onnxruntime: OnnxRuntimeOptions | None = None,
 ) -> Engine:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -51,12 +56,41 @@ def create_engine(
         )
         if engine is not None:
             return engine
+    if backend == "onnxruntime" or (backend == "auto" and CPU_AUTO_BACKEND == "onnxruntime" and not _on_gpu(device)):
+        onnx_engine = _onnxruntime_engine(ckpt, device, dtype, max_length, onnxruntime, required=backend != "auto")
+        if onnx_engine is not None:
+            return onnx_engine
     try:
         from rankserve.engines.torch_engine import TorchEngine
     except ImportError as e:
         raise RuntimeError(f"the torch backend needs PyTorch ({e}): pip install 'rankserve[torch]'") from None
 
     return TorchEngine.from_checkpoint(ckpt, device=device, dtype=dtype, max_length=max_length)
+
+
+def _onnxruntime_engine(
+    ckpt: Checkpoint,
+    device: str,
+    dtype: str,
+    max_length: int | None,
+    options: OnnxRuntimeOptions | None,
+    *,
+    required: bool,
+) -> Engine | None:
+    """The ONNX Runtime CPU engine; for `auto`, None (and a log line) when onnxruntime is not installed."""
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"the onnxruntime backend runs on the CPU (--device cpu), not {device}")
+    try:
+        import onnx  # noqa: F401 - the export needs it
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        if required:
+            raise RuntimeError(f"the onnxruntime backend needs ({e}): pip install 'rankserve[onnx]'") from None
+        logging.getLogger(__name__).info("auto: onnxruntime is not installed (%s); using torch on the CPU", e)
+        return None
+    from rankserve.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine.from_checkpoint(ckpt, dtype=dtype, max_length=max_length, options=options)
 
 
 __all__ = ["BACKENDS", "Engine", "EngineInfo", "EngineOutOfMemory", "create_engine"]
