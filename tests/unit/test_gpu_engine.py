@@ -86,6 +86,17 @@ def test_graph_bookkeeping_on_cpu(tiny_checkpoint) -> None:
     assert {t: b.static.data_ptr() for t, b in runner.buckets.items()} == static_ptrs  # buffers are reused
 
 
+def test_warmup_captures_graphs_when_asked(tiny_checkpoint) -> None:
+    engine = _engine(tiny_checkpoint, packed="on", cuda_graphs=True, graph_max_tokens=512, graph_step=256)
+    assert engine.graphs is None
+    engine.warmup()
+    assert engine.graphs is not None and sorted(engine.graphs.buckets) == [256, 512]
+    assert not engine.graphs.use_graphs  # no CUDA here: the same buffers, no capture
+    plain = _engine(tiny_checkpoint, packed="on")
+    plain.warmup()
+    assert plain.graphs is None
+
+
 def test_fp8_needs_hopper_or_ada(tiny_checkpoint) -> None:
     with pytest.raises(RuntimeError, match="FP8"):
         _engine(tiny_checkpoint, fp8=True)
