@@ -28,7 +28,7 @@ ADAPTER = K8S / "prometheus-adapter-values.yaml"
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name not in {"kustomization.yaml", ADAPTER.name})
 # The oldest Kubernetes still in common support and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 # Exported only where the engine runs on CUDA (this test serves on the CPU).
 CUDA_ONLY = {"rankserve_gpu_memory_bytes"}
 
@@ -238,6 +238,23 @@ def test_dashboard_structure() -> None:
     assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "job"}
 
 
+def test_alert_rules(docs: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    rule = docs["PrometheusRule"]
+    assert rule["metadata"]["labels"]["release"] == docs["ServiceMonitor"]["metadata"]["labels"]["release"]
+    groups = rule["spec"]["groups"]
+    alerts = [r for g in groups for r in g["rules"]]
+    assert alerts and all({"alert", "expr", "labels", "annotations"} <= set(r) for r in alerts)
+    assert all(r["labels"]["severity"] in ("warning", "critical") for r in alerts)
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package `prometheus`; .ci/run installs it)")
+    path = tmp_path / "alerts.yaml"
+    path.write_text(yaml.safe_dump({"groups": groups}))
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(alerts)} rules found" in result.stdout
+
+
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -272,6 +289,9 @@ def referenced_metrics() -> set[str]:
         names |= set(re.findall(r"\brankserve_[a-z0-9_]+", expr))
     docs = load_all()
     names |= {m["pods"]["metric"]["name"] for m in docs["HorizontalPodAutoscaler"]["spec"]["metrics"]}
+    for group in docs["PrometheusRule"]["spec"]["groups"]:
+        for rule in group["rules"]:
+            names |= set(re.findall(r"\brankserve_[a-z0-9_]+", rule["expr"]))
     for rule in yaml.safe_load(ADAPTER.read_text())["rules"]["custom"]:
         names.add(series_name(rule["seriesQuery"]))
     return names
