@@ -5,6 +5,7 @@ the incoming `traceparent` honoured, and the spans' order in time."""
 from __future__ import annotations
 
 import gzip
+import json
 import sys
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration._cli import clean_env, start_cli
 from tests.integration._support import ServerThread, running, tiny_settings
 
 trace_service_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
@@ -128,6 +130,28 @@ def test_spans_of_a_request(tiny_checkpoint_dir: Path, receiver: Receiver) -> No
     assert attributes(roots[0])["rankserve.request_id"] == "bad-1"
     assert attributes(roots[0])["http.response.status_code"] == 422
     assert sorted(s.name for s in others) == ["POST /v1/rerank", "validate"]
+
+
+def test_cli_server_traces_with_the_standard_variable(
+    tiny_checkpoint_dir: Path, tmp_path: Path, receiver: Receiver
+) -> None:
+    """`rankserve serve` with only OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_SERVICE_NAME set: spans arrive, under that
+    service name, by the time SIGTERM has stopped the server; the access line names the trace."""
+    env = clean_env(tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_SERVICE_NAME="reranker-eu")
+    server = start_cli(tiny_checkpoint_dir, tmp_path, "--log-format", "json", env=env)
+    try:
+        with server.client() as client:
+            r = client.post("/rerank", json={"query": "q", "texts": ["a", "b"]}, headers={"X-Request-ID": "cli-1"})
+            assert r.status_code == 200
+    finally:
+        assert server.stop() == 0, server.log()
+    roots = [s for s in receiver.spans if s.name == "POST /rerank"]
+    assert len(roots) == 1 and attributes(roots[0])["rankserve.request_id"] == "cli-1"
+    trace_id = roots[0].trace_id.hex()
+    assert {s.name for s in receiver.by_trace(trace_id)} == {"POST /rerank", "validate", "tokenize", "queue", "infer"}
+    assert {r["service.name"] for r in receiver.resources} == {"reranker-eu"}
+    access = [json.loads(line) for line in server.log().splitlines() if '"rankserve.access"' in line]
+    assert [a["trace_id"] for a in access if a.get("request_id") == "cli-1"] == [trace_id]
 
 
 def test_tracing_is_off_by_default(server: ServerThread) -> None:
