@@ -98,9 +98,10 @@ def test_deployment_gpu_probes_and_shutdown(docs: dict[str, dict[str, Any]]) -> 
     env = env_of(c)
     assert ports["http"] == int(env["NIM_HTTP_API_PORT"])
     Settings(**{"port": env["NIM_HTTP_API_PORT"]})  # the env values are valid settings
+    aliases = {a.upper() for f in Settings.model_fields.values() for a in f.validation_alias.choices}  # type: ignore[union-attr]
     for name in env:
-        if name.startswith("RANKSERVE_"):
-            assert name.removeprefix("RANKSERVE_").lower() in Settings.model_fields, name
+        if name.startswith(("RANKSERVE_", "NIM_")):
+            assert name in aliases, f"{name} is not a setting"
 
     def probe(kind: str) -> dict[str, Any]:
         get = c[kind]["httpGet"]
