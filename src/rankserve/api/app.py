@@ -179,7 +179,9 @@ class ObservabilityMiddleware:
     dialect and status, the access log line and, when tracing is on, the request's spans.
 
     Inner layers leave what they learn in the ASGI scope: `rankserve.timing` (a `RequestTiming` created here and
-    filled by the ranker and scheduler), `rankserve.passages`, `rankserve.tokens`, `rankserve.text`.
+    filled by the ranker and scheduler), and from `serving.rank`: `rankserve.validated` (when the request was
+    parsed and handed to the ranker), `rankserve.passages`, `rankserve.tokens`, `rankserve.text` (only with
+    `log_request_text`).
     """
 
     def __init__(self, app: ASGIApp, state: AppState) -> None:
