@@ -147,6 +147,8 @@ def test_image_command_serves_passes_its_healthcheck_and_stops_cleanly(
     assert executable, "the `rankserve` console script is installed next to the interpreter"
     port = free_port()
     env = image_env(dockerfile, tmp_path, port, tiny_checkpoint_dir)
+    if image == "Dockerfile":
+        env |= {"RANKSERVE_DEVICE": "cpu", "RANKSERVE_DTYPE": "float32"}  # whatever it asks for, CI has no GPU
     options, check = dockerfile.healthcheck()
     check_timeout = float(options["timeout"].rstrip("s"))
     log_path = tmp_path / "image.log"
