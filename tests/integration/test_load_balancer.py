@@ -247,9 +247,16 @@ def scenario(
                 r = client.post("/v1/ranking", json=bodies[i % len(bodies)][0], headers={"X-Request-ID": f"after-{i}"})
                 assert r.status_code == 200, r.text
                 assert_matches_reference(r.json(), expected[i % len(bodies)])
+                assert r.headers["x-request-id"] == f"after-{i}", "the client's id reaches the replica and comes back"
+            # Without one, nginx makes the id: the replica uses it, returns it, and nginx logs the same.
+            r = client.post("/v1/ranking", json=bodies[0][0])
+            assert r.status_code == 200, r.text
+            generated = r.headers["x-request-id"]
+            assert re.fullmatch(r"[0-9a-f]{32}", generated), generated
 
         lines = {line["request_id"]: line for line in nginx.log_lines()}
         assert set(lines) >= {out.request_id for out in outcomes}, "nginx must log every request with its id"
+        assert generated in lines, "nginx logs the id it made, the one the replica returned"
         tried = {rid: [a.strip() for a in line["upstream_addr"].split(",")] for rid, line in lines.items()}
         before = [out for out in outcomes if out.finished < stopped_at]
         assert {a for out in before for a in tried[out.request_id]} == {victim, survivor}, "both replicas served"
