@@ -300,3 +300,22 @@ def test_bf16_export(tiny_checkpoint: Checkpoint, tmp_path: Path) -> None:
     assert len(big) == 1 + 7 * tiny_checkpoint.config.num_hidden_layers
     assert all(t.data_type == onnx.TensorProto.BFLOAT16 for t in big)
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_large_graphs_keep_weights_in_an_external_file(
+    tiny_checkpoint: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_engine: TorchEngine
+) -> None:
+    """The full model (2.5 GB in bf16) is over protobuf's 2 GB: its weights go to model.onnx.data. Forced here."""
+    import rankserve.export.onnx as export_module
+
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 0)
+    path = export_onnx(tiny_checkpoint, tmp_path, progress=False)
+    data = tmp_path / "model.onnx.data"
+    assert data.is_file() and data.stat().st_size > 30 * 2**20 > path.stat().st_size
+    onnx.checker.check_model(str(path))
+    assert read_onnx_metadata(path)["checkpoint_fingerprint"] == tiny_checkpoint.fingerprint
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids, lens = padded([4, 19, 11], seed=8)
+    (logits,) = session.run(None, feeds(ids, lens))
+    np.testing.assert_allclose(logits, torch_engine.score(ids, lens), atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
