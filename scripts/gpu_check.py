@@ -530,6 +530,8 @@ def stage_http(c: Check) -> dict[str, Any]:
         "warning",
         "--device",
         str(c.device),
+        "--backend",
+        "torch",  # not TensorRT, whatever is installed: this checks the PyTorch engine
     ]
     server = bench_serving.Server("rankserve", cmd, port, out_dir / "server.log")
     out: dict[str, Any] = {"command": " ".join(cmd[1:])}

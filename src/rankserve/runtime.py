@@ -35,6 +35,7 @@ def default_engine_factory(ckpt: Checkpoint, settings: Settings) -> Engine:
         max_seq_length=settings.max_seq_length,
     )
     from rankserve.engines.onnxruntime_engine import OnnxRuntimeOptions
+    from rankserve.engines.torch_options import TorchOptions
 
     onnxruntime = OnnxRuntimeOptions(
         cache_dir=settings.onnx_cache_dir,
@@ -50,6 +51,7 @@ def default_engine_factory(ckpt: Checkpoint, settings: Settings) -> Engine:
         max_length=settings.max_seq_length,
         tensorrt=tensorrt,
         onnxruntime=onnxruntime,
+        torch=TorchOptions.from_settings(settings),
     )
 
 

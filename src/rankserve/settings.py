@@ -71,6 +71,28 @@ class Settings(BaseSettings):
         validation_alias=_env("tensorrt_build"),
         description="on a GPU, build a TensorRT engine at start-up when none is cached (minutes, once)",
     )
+    # The PyTorch engine on CUDA (docs/gpu.md)
+    torch_packed: Literal["auto", "on", "off"] = Field(
+        "auto",
+        validation_alias=_env("torch_packed"),
+        description="torch: no compute on padding (packed batches); auto: on CUDA, the padded reference on CPU",
+    )
+    torch_attention: Literal["auto", "varlen", "sdpa"] = Field(
+        "auto",
+        validation_alias=_env("torch_attention"),
+        description="torch, packed: varlen (FlashAttention over packed sequences) or sdpa; auto: varlen if usable",
+    )
+    torch_cuda_graphs: bool = Field(
+        False,
+        validation_alias=_env("torch_cuda_graphs"),
+        description="torch, packed: CUDA graphs for batches of up to 4096 tokens, captured at warm-up",
+    )
+    torch_compile: bool = Field(
+        False, validation_alias=_env("torch_compile"), description="torch, packed: torch.compile at warm-up"
+    )
+    torch_fp8: bool = Field(
+        False, validation_alias=_env("torch_fp8"), description="torch on CUDA: FP8 GEMMs (Ada/Hopper GPUs only)"
+    )
 
     # HTTP
     host: str = Field("0.0.0.0", validation_alias=_env("host"), description="listen address")

@@ -186,3 +186,19 @@ def test_varlen_self_check_falls_back_to_sdpa(tiny_checkpoint, monkeypatch: pyte
     assert engine.check_varlen() is True and engine.attention == "varlen"
     ids, lens = _batch(30, [12, 50, 3])
     assert np.abs(engine.score(ids, lens) - _engine(tiny_checkpoint).score(ids, lens)).max() < 1e-4
+
+
+def test_settings_reach_the_engine(tiny_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `torch_*` settings (flags or RANKSERVE_TORCH_* variables) become the engine's options."""
+    from rankserve.engines import create_engine
+    from rankserve.settings import Settings
+
+    monkeypatch.setenv("RANKSERVE_TORCH_PACKED", "on")
+    monkeypatch.setenv("RANKSERVE_TORCH_CUDA_GRAPHS", "true")
+    settings = Settings(max_batch_size=16, torch_attention="sdpa")
+    opts = TorchOptions.from_settings(settings)
+    assert opts == TorchOptions(packed="on", attention="sdpa", cuda_graphs=True, graph_max_batch=16)
+    engine = create_engine(tiny_checkpoint, backend="torch", device="cpu", dtype="auto", max_length=None, torch=opts)
+    assert engine.packed and engine.options.graph_max_batch == 16
+    with pytest.raises(ValueError):
+        Settings(torch_attention="flash")

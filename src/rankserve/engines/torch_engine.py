@@ -3,18 +3,15 @@
 On CUDA a batch is packed (padding dropped, `packing.pack`) and run through `Reranker.forward_packed`:
 fused q|k|v and gate|up GEMMs, cached RoPE tables, FlashAttention over the packed sequences
 (`torch.nn.attention.varlen`, PyTorch >= 2.9; else SDPA on a padded copy of q/k/v, with `enable_gqa`), one
-pinned host buffer and one asynchronous copy per batch. Options (`TorchOptions`, from `RANKSERVE_TORCH_*`
-environment variables; see docs/gpu.md): CUDA graphs for small batches captured at warm-up, `torch.compile`,
-FP8 GEMMs (Hopper/Ada). On CPU the padded reference `Reranker.forward` runs, unchanged.
+pinned host buffer and one asynchronous copy per batch. Options (`TorchOptions`: the `torch_*` settings, or
+`RANKSERVE_TORCH_*` environment variables when the engine is built directly; docs/gpu.md): CUDA graphs for
+small batches captured at warm-up, `torch.compile`, FP8 GEMMs (Hopper/Ada). On CPU the padded reference
+`Reranker.forward` runs, unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Literal
 
 import numpy as np
 import torch
@@ -22,6 +19,9 @@ import torch
 from rankserve.engines.base import EngineInfo, EngineOutOfMemory
 from rankserve.engines.cuda_graphs import GraphRunner
 from rankserve.engines.packing import Packed, pack
+from rankserve.engines.torch_options import TorchOptions
+
+__all__ = ["TorchEngine", "TorchOptions", "fp8_supported", "pick_device", "pick_dtype"]
 from rankserve.model.checkpoint import Checkpoint, load_model
 from rankserve.model.llama import (
     Attend,
@@ -43,46 +43,6 @@ CUDA_BATCH_TOKENS = 16384
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # scaled_dot_product_attention(enable_gqa=...) since PyTorch 2.5
 SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-@dataclass(frozen=True)
-class TorchOptions:
-    """How the engine runs on CUDA (ignored on CPU, which always runs the padded reference)."""
-
-    # No compute on padding. auto: on CUDA (CPU runs the padded reference); on: everywhere (tests); off: nowhere.
-    packed: Literal["auto", "on", "off"] = "auto"
-    attention: Literal["auto", "varlen", "sdpa"] = "auto"  # auto: varlen where PyTorch has it
-    cuda_graphs: bool = False  # graphs for packed batches of <= graph_max_tokens, captured at warm-up
-    graph_max_tokens: int = 4096
-    graph_step: int = 256  # bucket granularity: at most step-1 tokens of filler per batch
-    graph_max_batch: int = 64  # sequences per graph batch (the scheduler's max_batch_size default)
-    compile: bool = False  # torch.compile the packed forward (dynamic shapes)
-    fp8: bool = False  # FP8 (e4m3) GEMMs with per-row scales: Hopper/Ada GPUs only
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> TorchOptions:
-        """`RANKSERVE_TORCH_<FIELD>` (e.g. RANKSERVE_TORCH_CUDA_GRAPHS=1, RANKSERVE_TORCH_ATTENTION=sdpa)."""
-        env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = env.get(f"RANKSERVE_TORCH_{f.name.upper()}")
-            if raw is None or raw == "":
-                continue
-            default = getattr(cls, f.name)
-            if isinstance(default, bool):
-                if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                    raise ValueError(f"RANKSERVE_TORCH_{f.name.upper()} must be a boolean, got {raw!r}")
-                values[f.name] = raw.lower() in ("1", "true", "yes", "on")
-            elif isinstance(default, int):
-                values[f.name] = int(raw)
-            else:
-                values[f.name] = raw
-        opts = cls(**values)  # type: ignore[arg-type]
-        if opts.attention not in ("auto", "varlen", "sdpa"):
-            raise ValueError(f"RANKSERVE_TORCH_ATTENTION must be auto, varlen or sdpa, got {opts.attention!r}")
-        if opts.packed not in ("auto", "on", "off"):
-            raise ValueError(f"RANKSERVE_TORCH_PACKED must be auto, on or off, got {opts.packed!r}")
-        return opts
 
 
 def pick_device(device: str) -> torch.device:
