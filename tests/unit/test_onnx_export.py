@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -319,3 +320,29 @@ def test_large_graphs_keep_weights_in_an_external_file(
     (logits,) = session.run(None, feeds(ids, lens))
     np.testing.assert_allclose(logits, torch_engine.score(ids, lens), atol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+# -- `--backend auto` on a CPU ---------------------------------------------------------------------------------------
+
+
+def test_auto_choice_for_the_real_model() -> None:
+    """onnxruntime (measured faster) while its unfused attention fits 1 GiB per sequence: max_seq_length <= 2048."""
+    from types import SimpleNamespace
+
+    from rankserve.engines.onnxruntime_engine import auto_choice, max_auto_length
+    from rankserve.model.config import RerankerConfig
+    from rankserve.model.synthetic import REAL_CONFIG
+
+    real: Any = SimpleNamespace(config=RerankerConfig.from_dict(REAL_CONFIG))
+    assert max_auto_length(real) == 2048
+    assert auto_choice(real, "auto", 2048)[0] and auto_choice(real, "float32", 512)[0]
+    use, reason = auto_choice(real, "auto", None)  # the default: 8192 tokens
+    assert not use and "16.0 GiB" in reason and "2048" in reason
+    assert not auto_choice(real, "bfloat16", 512)[0]
+
+
+def test_auto_on_cpu_builds_the_chosen_engine(tiny_checkpoint: Checkpoint, exported: Path, cache_dir: Path) -> None:
+    options = OnnxRuntimeOptions(cache_dir=str(cache_dir), threads=1)
+    auto = {"backend": "auto", "device": "cpu", "dtype": "auto", "onnxruntime": options}
+    assert create_engine(tiny_checkpoint, max_length=512, **auto).info.backend == "onnxruntime"
+    assert create_engine(tiny_checkpoint, max_length=None, **auto).info.backend == "torch"  # 8192: 2 GiB attention

@@ -14,8 +14,6 @@ if TYPE_CHECKING:
     from rankserve.tensorrt.auto import TensorRTOptions
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-# What `auto` runs on a CPU: the faster backend as measured by scripts/bench_backends.py (docs/benchmarks.md).
-CPU_AUTO_BACKEND = "torch"
 
 
 def _on_gpu(device: str) -> bool:
@@ -58,7 +56,10 @@ def create_engine(
         )
         if engine is not None:
             return engine
-    if backend == "onnxruntime" or (backend == "auto" and CPU_AUTO_BACKEND == "onnxruntime" and not _on_gpu(device)):
+    if backend == "onnxruntime" or (
+        backend == "auto" and not _on_gpu(device) and _cpu_auto_picks_onnxruntime(ckpt, dtype, max_length)
+    ):
+        # `auto` on a CPU: onnxruntime, measured faster than torch (docs/benchmarks.md), where its memory allows.
         onnx_engine = _onnxruntime_engine(ckpt, device, dtype, max_length, onnxruntime, required=backend != "auto")
         if onnx_engine is not None:
             return onnx_engine
@@ -86,13 +87,24 @@ def _onnxruntime_engine(
         import onnx  # noqa: F401 - the export needs it
         import onnxruntime  # noqa: F401
     except ImportError as e:
-        if required:
-            raise RuntimeError(f"the onnxruntime backend needs ({e}): pip install 'rankserve[onnx]'") from None
-        logging.getLogger(__name__).info("auto: onnxruntime is not installed (%s); using torch on the CPU", e)
-        return None
+        raise RuntimeError(f"the onnxruntime backend needs ({e}): pip install 'rankserve[onnx]'") from None
     from rankserve.engines.onnxruntime_engine import OnnxRuntimeEngine
 
-    return OnnxRuntimeEngine.from_checkpoint(ckpt, dtype=dtype, max_length=max_length, options=options)
+    try:
+        return OnnxRuntimeEngine.from_checkpoint(ckpt, dtype=dtype, max_length=max_length, options=options)
+    except Exception as e:
+        if required:
+            raise
+        logging.getLogger(__name__).warning("auto: the onnxruntime engine failed (%r); using torch on the CPU", e)
+        return None
+
+
+def _cpu_auto_picks_onnxruntime(ckpt: Checkpoint, dtype: str, max_length: int | None) -> bool:
+    from rankserve.engines.onnxruntime_engine import auto_choice
+
+    use, reason = auto_choice(ckpt, dtype, max_length)
+    logging.getLogger(__name__).info("backend auto on the CPU: %s", reason)
+    return use
 
 
 __all__ = ["BACKENDS", "Engine", "EngineInfo", "EngineOutOfMemory", "create_engine"]
