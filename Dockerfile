@@ -37,7 +37,7 @@ WORKDIR /app
 RUN pip install "${TORCH}"
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install ".[torch,onnx]"
+RUN pip install ".[torch,onnx,otel]"
 COPY configs ./configs
 
 # NIM-style settings (docs/configuration.md lists them all; RANKSERVE_* for the rest):
