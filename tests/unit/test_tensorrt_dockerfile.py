@@ -31,7 +31,7 @@ def test_gpu_image() -> None:
     makefile_torch = re.search(r"^TORCH\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
     assert makefile_torch is not None and args["TORCH"] == makefile_torch.group(1)  # the torch CI tests
     runs = " && ".join(get("RUN"))
-    assert runs.index('pip install "${TORCH}"') < runs.index('pip install ".[torch,onnx]"')  # as the Makefile does
+    assert runs.index('pip install "${TORCH}"') < runs.index('pip install ".[torch,onnx,otel]"')  # as the Makefile does
     assert "--system-site-packages" in runs  # the base image's tensorrt bindings stay visible
     env: dict[str, str] = {}
     for rest in get("ENV"):
