@@ -95,6 +95,8 @@ def test_metadata_names_the_backend(
     assert meta["max_seq_length"] == max_seq
     assert meta["max_passages"] == max_passages
     assert s.engine.info.backend == "onnxruntime"
+    ((labels, _),) = s.metrics()["rankserve_engine_info"]
+    assert (labels["backend"], labels["precision"]) == ("onnxruntime", "float32")
 
 
 def test_one_export_serves_every_server(server: ServerThread, limits_server: ServerThread, onnx_cache: Path) -> None:
