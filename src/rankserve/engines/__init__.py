@@ -80,7 +80,7 @@ def _onnxruntime_engine(
     *,
     required: bool,
 ) -> Engine | None:
-    """The ONNX Runtime CPU engine; for `auto`, None (and a log line) when onnxruntime is not installed."""
+    """The ONNX Runtime CPU engine; for `auto`, None (and a warning) when it fails to start: torch serves instead."""
     if device not in ("auto", "cpu"):
         raise ValueError(f"the onnxruntime backend runs on the CPU (--device cpu), not {device}")
     try:
