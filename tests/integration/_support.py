@@ -47,7 +47,7 @@ def free_port() -> int:
 
 def tiny_settings(checkpoint_dir: Path, **overrides: Any) -> Settings:
     # CPU float32 explicitly: the reference scores in fp32, and `auto` would pick bf16 on a GPU machine. The torch
-    # backend explicitly: `auto` on a CPU may pick onnxruntime (test_onnxruntime_contract.py serves that one).
+    # backend explicitly too, whatever `auto` picks (test_onnxruntime_contract.py serves the onnxruntime one).
     base: dict[str, Any] = {"model": str(checkpoint_dir), "device": "cpu", "dtype": "float32", "log_level": "warning"}
     base["backend"] = "torch"
     return Settings(**{**base, **overrides})

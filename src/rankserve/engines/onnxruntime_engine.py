@@ -34,38 +34,15 @@ OPTIMIZED_SUFFIX = ".ort-optimized.onnx"
 # CPU peaks at 1-2 k padded tokens per batch. The graph's attention is unfused ([B, H, S, S] scores), so larger
 # batches also cost memory quadratic in the length.
 CPU_BATCH_TOKENS = 2048
-# `auto` on a CPU picks this engine (measured faster than torch: docs/benchmarks.md) only where the unfused
-# attention of one longest sequence fits in this much memory; torch's fused attention needs none of it.
-AUTO_ATTENTION_BYTES = 1 << 30
-
-
-def attention_bytes(heads: int, seqlen: int) -> int:
-    """Peak attention memory of one sequence in the graph: the fp32 scores and their softmax, `[heads, S, S]` each."""
-    return 2 * heads * seqlen * seqlen * 4
 
 
 def auto_choice(ckpt: Checkpoint, dtype: str, max_length: int | None) -> tuple[bool, str]:
-    """Whether `--backend auto` on a CPU runs onnxruntime, and why (logged)."""
-    import importlib.util
-
-    if dtype not in ("auto", "float32", "fp32"):
-        return False, f"torch (dtype {dtype}: the onnxruntime engine runs float32)"
-    if any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "onnxscript")):
-        return False, "torch (onnxruntime is not installed: pip install 'rankserve[onnx]')"
-    longest = min(max_length or ckpt.config.max_length, ckpt.config.max_length)
-    need = attention_bytes(ckpt.config.num_attention_heads, longest)
-    if need > AUTO_ATTENTION_BYTES:
-        return False, (
-            f"torch (onnxruntime is faster on CPU, but its attention would need {need / 2**30:.1f} GiB for one "
-            f"{longest}-token sequence; with max_seq_length <= {max_auto_length(ckpt)} auto picks onnxruntime)"
-        )
-    return True, "onnxruntime (faster than torch on CPU as measured: docs/benchmarks.md)"
-
-
-def max_auto_length(ckpt: Checkpoint) -> int:
-    """The longest max_seq_length at which `auto` on a CPU still picks onnxruntime."""
-    heads = ckpt.config.num_attention_heads
-    return int((AUTO_ATTENTION_BYTES / (8 * heads)) ** 0.5)
+    """Whether `--backend auto` on a CPU runs onnxruntime, and why (logged). Decided by measurement
+    (scripts/bench_backends.py, docs/benchmarks.md): on the full-size model, onnxruntime fp32 is no faster than
+    torch (1.0x); it wins (1.9-2.4x) only on small checkpoints, where its lower per-op overhead shows. Being no
+    faster, it is not worth its costs: an export at first start, a second copy of the weights on disk, and unfused
+    attention (2 x heads x S^2 fp32 per sequence: 16 GiB for one 8192-token pair of the real model)."""
+    return False, "torch (on the full-size model onnxruntime fp32 measured no faster; docs/benchmarks.md)"
 
 
 @dataclass(frozen=True)
