@@ -59,7 +59,7 @@ def create_engine(
     if backend == "onnxruntime" or (
         backend == "auto" and not _on_gpu(device) and _cpu_auto_picks_onnxruntime(ckpt, dtype, max_length)
     ):
-        # `auto` on a CPU: onnxruntime, measured faster than torch (docs/benchmarks.md), where its memory allows.
+        # `auto` on a CPU follows the measurement in onnxruntime_engine.auto_choice (today: torch; docs/onnx.md).
         onnx_engine = _onnxruntime_engine(ckpt, device, dtype, max_length, onnxruntime, required=backend != "auto")
         if onnx_engine is not None:
             return onnx_engine
