@@ -193,7 +193,7 @@ class Settings(BaseSettings):
         None,
         ge=16,
         validation_alias=_env("max_batch_tokens"),
-        description="padded tokens per batch; default: the engine's measured preference (CPU 2048, CUDA 16384)",
+        description="padded tokens per batch; default: per engine (CPU 2048, measured; CUDA 16384, unmeasured)",
     )
     max_queue_tokens: int = Field(
         2_000_000,
