@@ -215,7 +215,7 @@ class _Progress:
 
 @contextmanager
 def _quiet(enabled: bool) -> Iterator[None]:
-    """Silence torch.onnx's own progress prints (stdout) when exporting on demand inside a server."""
+    """Silence torch.onnx's own progress prints (stdout) and its INFO logs when exporting on demand inside a server."""
     if not enabled:
         yield
         return
@@ -223,6 +223,15 @@ def _quiet(enabled: bool) -> Iterator[None]:
     import io
     import warnings
 
+    # The exporter's graph passes log every deduplicated initializer at INFO (dozens of lines in a server's log).
+    chatty = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [logger.level for logger in chatty]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        yield
+        for logger in chatty:
+            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        try:
+            yield
+        finally:
+            for logger, level in zip(chatty, levels, strict=True):
+                logger.setLevel(level)
