@@ -152,12 +152,9 @@ def main() -> None:
         print(row)
     if "onnxruntime int8" in engines:
         acc = accuracy(engines["onnxruntime fp32"], engines["onnxruntime int8"], args.queries)
-        print(
-            f"int8 vs fp32 on {args.queries} queries × 20 passages: "
-            + ", ".join(f"{k} {v:.4g}" for k, v in acc.items())
-        )
+        print(f"int8 vs fp32 on {args.queries} queries × 20 passages: {_fmt(acc)}")
         fp = accuracy(engines["torch fp32"], engines["onnxruntime fp32"], args.queries)
-        print("onnxruntime fp32 vs torch fp32: " + ", ".join(f"{k} {v:.4g}" for k, v in fp.items()))
+        print(f"onnxruntime fp32 vs torch fp32: {_fmt(fp)}")
 
 
 if __name__ == "__main__":
