@@ -20,7 +20,7 @@ PACKAGES=(fastapi starlette pydantic pydantic_core pydantic-settings python-dote
 
 mkdir -p "$DEST"
 rm -f "$DEST"/*.whl
-if [ -d .git ] && ! grep -qxF "/$DEST/" .git/info/exclude 2>/dev/null; then
+if [ -d .git ] && [ "${DEST#/}" = "$DEST" ] && ! grep -qxF "/$DEST/" .git/info/exclude 2>/dev/null; then  # relative DEST only
   echo "/$DEST/" >> .git/info/exclude
 fi
 
