@@ -215,19 +215,20 @@ class _Progress:
 
 @contextmanager
 def _quiet(enabled: bool) -> Iterator[None]:
-    """Silence torch.onnx's own progress prints (stdout) and its INFO logs when exporting on demand inside a server."""
-    if not enabled:
-        yield
-        return
+    """Silence torch.onnx's own progress prints (stdout) when exporting on demand inside a server, and always its
+    INFO logs: the exporter's graph passes log every deduplicated initializer (dozens of lines in a server's log,
+    also when `--backend auto` builds a TensorRT engine at start-up)."""
     import contextlib
     import io
     import warnings
 
-    # The exporter's graph passes log every deduplicated initializer at INFO (dozens of lines in a server's log).
     chatty = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
     levels = [logger.level for logger in chatty]
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with contextlib.ExitStack() as scope:
+        if enabled:
+            scope.enter_context(warnings.catch_warnings())
+            scope.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            warnings.simplefilter("ignore")
         for logger in chatty:
             logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
         try:
