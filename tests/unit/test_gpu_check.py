@@ -66,3 +66,37 @@ def test_parse_args_dry_run_is_small() -> None:
     full = gpu_check.parse_args(["--output", "x"])
     assert full.compile is True and full.lengths == [128, 512, 2048] and full.clients == [8, 32]
     assert full.budget <= 420
+
+
+# Packages the GPU machine's image has (/work/.library/device/KINDS.md, as read 2026-11-17), among those the
+# wheels below need; anything else they need must be fetched by scripts/gpu_wheels.sh.
+GPU_IMAGE_HAS = {
+    "annotated-doc", "anyio", "click", "h11", "huggingface-hub", "httpx", "numpy", "prometheus-client", "pyyaml",
+    "safetensors", "tokenizers", "torch", "transformers",
+}  # fmt: skip
+
+
+def test_gpu_wheels_cover_what_they_need() -> None:
+    """Every runtime requirement of rankserve and of the fetched wheels (as installed in this .venv, the versions
+    gpu_wheels.sh pins) is on the GPU image or fetched too: a missing one fails `import fastapi` there, after the
+    machine's start has been paid for (fastapi 0.165 imports opentelemetry-api unconditionally)."""
+    import importlib.metadata as md
+    import re
+
+    from packaging.requirements import Requirement
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    script = (Path(__file__).resolve().parents[2] / "scripts" / "gpu_wheels.sh").read_text(encoding="utf-8")
+    fetched = {norm(n) for n in re.search(r"PACKAGES=\(([^)]*)\)", script).group(1).split()}
+    env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux", "extra": ""}
+    missing = []
+    for dist in sorted(fetched | {"rankserve"}):
+        for line in md.requires(dist) or []:
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate(env):
+                continue  # an extra, or another Python
+            if norm(req.name) not in fetched | GPU_IMAGE_HAS:
+                missing.append(f"{dist} needs {req}")
+    assert not missing, missing
