@@ -281,10 +281,7 @@ class Ranker:
             if remaining <= 0:
                 raise DeadlineExceeded("the request did not finish within its deadline")
         flat = [s for group in groups for s in group]
-        if timing is None:  # scorers that do not record timing (test doubles) need not accept the argument
-            logits = await self.scorer.submit(flat, timeout=remaining)
-        else:
-            logits = await self.scorer.submit(flat, timeout=remaining, timing=timing)
+        logits = await self.scorer.submit(flat, timeout=remaining, timing=timing)
         out = {}
         at = 0
         for passage, group in zip(passages, groups, strict=True):

@@ -19,6 +19,7 @@ from rankserve.ranker import LongDocuments, PairEncoder, Ranker, RankRequest, Tr
 from rankserve.runtime import Runtime
 from rankserve.settings import Settings
 from rankserve.telemetry import Metrics
+from rankserve.timing import RequestTiming
 
 BOS = 128000
 QUERY = "how much protein should a female eat?"
@@ -36,7 +37,9 @@ class CountingScorer:
     def check_capacity(self) -> None:
         pass
 
-    async def submit(self, sequences: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
+    async def submit(
+        self, sequences: Sequence[np.ndarray], timeout: float | None = None, timing: RequestTiming | None = None
+    ) -> np.ndarray:
         self.calls += 1
         self.sequences.extend(s.tolist() for s in sequences)
         if self.value is not None:

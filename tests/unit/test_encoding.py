@@ -129,7 +129,7 @@ def test_prompt_tokens_count_what_is_scored(tokenizer, query: str, passages: lis
         def check_capacity(self) -> None:
             pass
 
-        async def submit(self, sequences, timeout=None):
+        async def submit(self, sequences, timeout=None, timing=None):
             self.seen = list(sequences)
             return np.arange(len(sequences), 0, -1, dtype=np.float32)  # first unique passage scores highest
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from rankserve.errors import InputTooLong, TooManyWindows
 from rankserve.ranker import LongDocuments, PairEncoder, Ranker, RankRequest, Truncate
+from rankserve.timing import RequestTiming
 from rankserve.windows import estimate_windows, overlap_tokens
 
 BOS, EOS = 128000, 128001
@@ -43,7 +44,9 @@ class AloneScorer:
     def check_capacity(self) -> None:
         pass
 
-    async def submit(self, sequences: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
+    async def submit(
+        self, sequences: Sequence[np.ndarray], timeout: float | None = None, timing: RequestTiming | None = None
+    ) -> np.ndarray:
         self.calls.append([s.tolist() for s in sequences])
         out = np.array([self.alone(s.tolist()) for s in sequences], dtype=np.float32)
         self.logits.extend(out.tolist())
