@@ -220,7 +220,7 @@ class TorchEngine:
             t = self._to_device(p)
             got = self._forward_packed(*t, p.max_seqlen)
             self.attention = "sdpa"
-            want = self._forward_packed(*self._to_device(p), p.max_seqlen)
+            want = self._forward_packed(*t, p.max_seqlen)
             diff = float((got.float() - want.float()).abs().max())
             tol = 0.05 * max(1.0, float(want.float().abs().max()))
             if not diff <= tol:
