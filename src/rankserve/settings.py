@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, AliasGenerator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rankserve.model.checkpoint import MODEL_ID
@@ -20,29 +20,32 @@ def _env(name: str, *nim: str) -> AliasChoices:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(case_sensitive=False, populate_by_name=True, extra="forbid")
+    # Each field is read from its own name and RANKSERVE_<NAME>; a field with NIM names gives its aliases itself.
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        populate_by_name=True,
+        extra="forbid",
+        alias_generator=AliasGenerator(validation_alias=_env),
+    )
 
     # What to serve
-    model: str = Field(MODEL_ID, validation_alias=_env("model"), description="checkpoint directory or HF id")
+    model: str = Field(MODEL_ID, description="checkpoint directory or HF id")
     served_model_name: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         validation_alias=_env("served_model_name", "NIM_SERVED_MODEL_NAME"),
         description="extra model ids requests may name (comma-separated); the first is listed first",
     )
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = Field(
-        "auto", validation_alias=_env("backend"), description="the engine; auto: the best one this machine can run"
+        "auto", description="the engine; auto: the best one this machine can run"
     )
-    device: str = Field("auto", validation_alias=_env("device"), description="auto, cpu, cuda, cuda:N")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", validation_alias=_env("dtype"), description="engine precision; auto: bfloat16 on CUDA, float32 on CPU"
+        "auto", description="engine precision; auto: bfloat16 on CUDA, float32 on CPU"
     )
-    cpu_threads: int | None = Field(
-        None, ge=1, validation_alias=_env("cpu_threads"), description="engine threads on CPU; unset: PyTorch's default"
-    )
+    cpu_threads: int | None = Field(None, ge=1, description="engine threads on CPU; unset: PyTorch's default")
     # ONNX Runtime on CPU (docs/onnx.md)
     onnx_cache_dir: str | None = Field(
         None,
-        validation_alias=_env("onnx_cache_dir"),
         description="where the onnxruntime backend keeps exported graphs; unset: an onnx/ folder in the checkpoint",
     )
     onnx_int8: bool = Field(
@@ -52,50 +55,41 @@ class Settings(BaseSettings):
     )
     onnx_save_optimized: bool = Field(
         False,
-        validation_alias=_env("onnx_save_optimized"),
         description="onnxruntime: save the optimized graph beside the export and load it on later starts",
     )
     # TensorRT (docs/tensorrt.md)
     tensorrt_engine: str | None = Field(
         None,
-        validation_alias=_env("tensorrt_engine"),
         description="a built TensorRT engine directory (model.plan, engine.json) to serve; unset: the engine cache",
     )
     engine_cache_dir: str = Field(
         "~/.cache/rankserve/engines",
-        validation_alias=_env("engine_cache_dir"),
         description="TensorRT engines built at start-up, one per checkpoint, GPU and TensorRT version (a volume)",
     )
     tensorrt_build: bool = Field(
         True,
-        validation_alias=_env("tensorrt_build"),
         description="on a GPU, build a TensorRT engine at start-up when none is cached (minutes, once)",
     )
     # The PyTorch engine on CUDA (docs/gpu.md)
     torch_packed: Literal["auto", "on", "off"] = Field(
         "auto",
-        validation_alias=_env("torch_packed"),
         description="torch: no compute on padding (packed batches); auto: on CUDA, the padded reference on CPU",
     )
     torch_attention: Literal["auto", "varlen", "sdpa"] = Field(
         "auto",
-        validation_alias=_env("torch_attention"),
         description="torch, packed: varlen (FlashAttention over packed sequences) or sdpa; auto: varlen if usable",
     )
     torch_cuda_graphs: bool = Field(
         False,
-        validation_alias=_env("torch_cuda_graphs"),
         description="torch, packed: CUDA graphs for batches of up to 4096 tokens, captured at warm-up",
     )
-    torch_compile: bool = Field(
-        False, validation_alias=_env("torch_compile"), description="torch, packed: torch.compile at warm-up"
-    )
+    torch_compile: bool = Field(False, description="torch, packed: torch.compile at warm-up")
     torch_fp8: bool = Field(
         False, validation_alias=_env("torch_fp8"), description="torch on CUDA: FP8 GEMMs (Ada/Hopper GPUs only)"
     )
 
     # HTTP
-    host: str = Field("0.0.0.0", validation_alias=_env("host"), description="listen address")
+    host: str = Field("0.0.0.0", description="listen address")
     port: int = Field(
         8000, ge=1, le=65535, validation_alias=_env("port", "NIM_HTTP_API_PORT"), description="listen port"
     )
@@ -104,42 +98,32 @@ class Settings(BaseSettings):
     )
     api_key: str | None = Field(
         None,
-        validation_alias=_env("api_key"),
         repr=False,
         description="require `Authorization: Bearer <key>` on inference routes; unset: auth off",
     )
     auth_public_routes: Annotated[list[Literal["health", "models", "metrics", "metadata"]], NoDecode] = Field(
         default_factory=lambda: ["health", "models", "metrics", "metadata"],
-        validation_alias=_env("auth_public_routes"),
         description="route groups reachable without the API key when one is set",
     )
     cors_allow_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        validation_alias=_env("cors_allow_origins"),
         description="browser origins allowed to call the API (comma-separated, `*` for any); empty: CORS off",
     )
-    max_body_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024, validation_alias=_env("max_body_bytes"), description="larger request bodies: 413"
-    )
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="larger request bodies: 413")
     shutdown_drain_seconds: float = Field(
         0.0,
         ge=0,
-        validation_alias=_env("shutdown_drain_seconds"),
         description="after SIGTERM, answer 503 on readiness this long before closing the listener",
     )
 
     # Logs and traces (see docs/observability.md)
     log_format: Literal["auto", "json", "text"] = Field(
         "auto",
-        validation_alias=_env("log_format"),
         description="json: one JSON object per line; text: plain lines; auto: json unless stderr is a terminal",
     )
-    access_log: bool = Field(
-        True, validation_alias=_env("access_log"), description="one log line per HTTP request (replaces uvicorn's)"
-    )
+    access_log: bool = Field(True, description="one log line per HTTP request (replaces uvicorn's)")
     log_request_text: bool = Field(
         False,
-        validation_alias=_env("log_request_text"),
         description="put the query and passage texts into the access log (off: never any request text in logs)",
     )
     otlp_endpoint: str | None = Field(
@@ -155,32 +139,25 @@ class Settings(BaseSettings):
         validation_alias=_env("max_seq_length", "NIM_TRITON_MAX_SEQ_LENGTH"),
         description="tokens per query+passage pair, BOS included (at most 8192, the validated length)",
     )
-    max_passages: int = Field(512, ge=1, validation_alias=_env("max_passages"), description="passages per request")
+    max_passages: int = Field(512, ge=1, description="passages per request")
     request_timeout_seconds: float = Field(
         60.0,
         gt=0,
-        validation_alias=_env("request_timeout_seconds"),
         description="per-request deadline from arrival (504 after it; the remaining work is dropped)",
     )
 
     # Long documents and the score cache (see docs/configuration.md)
     long_documents: Literal["truncate", "window"] = Field(
         "truncate",
-        validation_alias=_env("long_documents"),
         description="window: requests asking for truncate END get WINDOW (overlapping windows, max logit)",
     )
-    window_overlap: float = Field(
-        0.125, ge=0, le=0.5, validation_alias=_env("window_overlap"), description="share of a window's passage tokens"
-    )
+    window_overlap: float = Field(0.125, ge=0, le=0.5, description="share of a window's passage tokens")
     max_windows_per_request: int = Field(
         1024,
         ge=1,
-        validation_alias=_env("max_windows_per_request"),
         description="sequences one WINDOW request may send (a passage that fits counts as one); more: 422",
     )
-    score_cache_size: int = Field(
-        0, ge=0, validation_alias=_env("score_cache_size"), description="scores kept in the LRU cache; 0: off"
-    )
+    score_cache_size: int = Field(0, ge=0, description="scores kept in the LRU cache; 0: off")
 
     # Batching (see docs/configuration.md for how the defaults were chosen)
     max_batch_size: int = Field(
@@ -192,31 +169,25 @@ class Settings(BaseSettings):
     max_batch_tokens: int | None = Field(
         None,
         ge=16,
-        validation_alias=_env("max_batch_tokens"),
         description="padded tokens per batch; default: per engine (CPU 2048, measured; CUDA 16384, unmeasured)",
     )
     max_queue_tokens: int = Field(
         2_000_000,
         ge=1,
-        validation_alias=_env("max_queue_tokens"),
         description="tokens waiting for the engine; a request that would exceed it: 429 with Retry-After",
     )
     batch_lookahead: int = Field(
         1024,
         ge=1,
-        validation_alias=_env("batch_lookahead"),
         description="oldest waiting sequences a batch is chosen from",
     )
     min_batch_fill: float = Field(
         0.9,
         gt=0,
         le=1,
-        validation_alias=_env("min_batch_fill"),
         description="a batch grows only while its real tokens stay at least this share of its padded tokens",
     )
-    warmup: bool = Field(
-        True, validation_alias=_env("warmup"), description="run the engine once before reporting ready"
-    )
+    warmup: bool = Field(True, description="run the engine once before reporting ready")
 
     @field_validator("served_model_name", "auth_public_routes", "cors_allow_origins", mode="before")
     @classmethod
