@@ -170,7 +170,10 @@ class Reranker(nn.Module):
     def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         """Float32 logits `[B]` for right-padded `input_ids` `[B, S]` with `lengths` `[B]`."""
         hidden, mask = self.hidden_states(input_ids, lengths)
-        pooled = self.pool(hidden, mask, lengths)
+        return self.head(self.pool(hidden, mask, lengths))
+
+    def head(self, pooled: Tensor) -> Tensor:
+        """Float32 logits `[N]` from pooled vectors `[N, D]`: the score row (fp32), over the temperature."""
         logits = pooled @ self.score.weight.float().T
         return logits[:, 0] / self.config.temperature
 
@@ -210,9 +213,7 @@ class Reranker(nn.Module):
         for layer, path in zip(self.model.layers, fast, strict=True):
             h = _layer_packed(layer, path, h, cos, sin, attend)
         hidden = _rms_norm(self.model.norm, h)
-        pooled = self.pool_packed(hidden, seq_ids, cu_seqlens)
-        logits = pooled @ self.score.weight.float().T
-        return logits[:, 0] / self.config.temperature
+        return self.head(self.pool_packed(hidden, seq_ids, cu_seqlens))
 
     def pool_packed(self, hidden: Tensor, seq_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
         """`pool` for packed hidden states `[T, D]`: one fp32 vector per sequence `[N, D]`."""
