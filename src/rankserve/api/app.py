@@ -192,8 +192,8 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
         timing = RequestTiming()
+        started = timing.perf_anchor  # the arrival: the timing's perf_counter anchor is taken now
         headers = scope.get("headers", [])
         incoming = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), None)
         request_id = logs.request_id(incoming)
