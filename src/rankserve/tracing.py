@@ -82,7 +82,7 @@ class Tracing:
         from opentelemetry import trace
 
         t = rec.timing
-        parent = self.propagator.extract(dict(headers))
+        parent = self.propagator.extract(headers)
         attributes: dict[str, Any] = {
             "http.request.method": rec.method,
             "http.route": rec.route,
