@@ -20,6 +20,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
+from rankserve.export.onnx import INPUT_NAMES as INPUTS
+from rankserve.export.onnx import ONNX_FILE
+from rankserve.export.onnx import OUTPUT_NAME as OUTPUT
 from rankserve.tensorrt import load_tensorrt
 from rankserve.tensorrt.metadata import PLAN_FILE, EngineMetadata, GpuInfo, write_metadata
 from rankserve.tensorrt.profiles import Profile
@@ -27,9 +30,6 @@ from rankserve.tensorrt.targets import BuildTarget, capabilities
 
 log = logging.getLogger(__name__)
 
-INPUTS = ("input_ids", "attention_mask")
-OUTPUT = "logits"
-ONNX_FILE = "model.onnx"
 # ONNX export dtype names (the export's `rankserve.dtype` metadata and Settings.dtype) → engine precision
 PRECISION_OF_DTYPE = {"float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "fp16", "bfloat16": "bf16",
                       "bf16": "bf16"}  # fmt: skip
