@@ -79,8 +79,13 @@ def cache_key(*, fingerprint: str, precision: str, gpu: GpuInfo, tensorrt_versio
     """One directory per (weights, precision, GPU architecture, TensorRT version, profiles)."""
     shapes = json.dumps([p.to_dict() for p in target.profiles()], sort_keys=True)
     profile_hash = hashlib.sha256(shapes.encode()).hexdigest()[:8]
+    return f"{fingerprint}-{precision}-{arch_tag(gpu, tensorrt_version)}-{profile_hash}"
+
+
+def arch_tag(gpu: GpuInfo, tensorrt_version: str) -> str:
+    """`sm90-trt10.13.0`: what a plan and a timing cache hold only for (a file-name-safe version)."""
     trt = re.sub(r"[^0-9A-Za-z.]", "_", tensorrt_version)
-    return f"{fingerprint}-{precision}-sm{gpu.compute_capability.replace('.', '')}-trt{trt}-{profile_hash}"
+    return f"sm{gpu.compute_capability.replace('.', '')}-trt{trt}"
 
 
 def decide(
@@ -153,8 +158,7 @@ def build_cached(ckpt: Checkpoint, destination: Path, target: BuildTarget, gpu: 
         try:
             print(f"exporting {ckpt.path} to ONNX ({target.precision}) for the TensorRT build", file=sys.stderr)
             onnx_path = export_onnx(ckpt, work / "onnx", dtype=DTYPE_OF_PRECISION[target.precision])
-            version = re.sub(r"[^0-9A-Za-z.]", "_", tensorrt_version)
-            timing = destination.parent / f"timing-sm{gpu.compute_capability.replace('.', '')}-trt{version}.cache"
+            timing = destination.parent / f"timing-{arch_tag(gpu, tensorrt_version)}.cache"
             build_engine(
                 onnx_path,
                 work / "engine",
