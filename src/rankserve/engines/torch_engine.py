@@ -19,7 +19,7 @@ import torch
 from rankserve.engines.base import EngineInfo, EngineOutOfMemory
 from rankserve.engines.cuda_graphs import GraphRunner
 from rankserve.engines.packing import Packed, pack
-from rankserve.engines.torch_options import TorchOptions
+from rankserve.engines.torch_options import CUDA_BATCH_TOKENS, TorchOptions
 
 __all__ = ["TorchEngine", "TorchOptions", "fp8_supported", "pick_device", "pick_dtype"]
 from rankserve.model.checkpoint import Checkpoint, load_model
@@ -35,10 +35,8 @@ from rankserve.model.llama import (
 log = logging.getLogger(__name__)
 
 # Measured with scripts/bench_engine.py (docs/benchmarks.md): on CPU, tokens/s peaks at 1-2 k padded tokens per
-# batch and falls slowly beyond. The CUDA value is a starting point until GPU measurements set it
-# (scripts/gpu_check.sh sweeps it).
+# batch and falls slowly beyond. The CUDA value (CUDA_BATCH_TOKENS, torch_options.py) is not measured yet.
 CPU_BATCH_TOKENS = 2048
-CUDA_BATCH_TOKENS = 16384
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # scaled_dot_product_attention(enable_gqa=...) since PyTorch 2.5

@@ -7,6 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Literal
 
+# Padded tokens per batch on CUDA (the engine's preferred budget; TensorRT's auto-built profiles are planned for
+# it too): a starting point until GPU measurements set it (scripts/gpu_check.sh sweeps it).
+CUDA_BATCH_TOKENS = 16384
+
 
 @dataclass(frozen=True)
 class TorchOptions:

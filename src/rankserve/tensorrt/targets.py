@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rankserve.engines.torch_options import CUDA_BATCH_TOKENS  # the PyTorch CUDA engine's default budget
 from rankserve.tensorrt.metadata import PRECISIONS
 from rankserve.tensorrt.profiles import DEFAULT_BUCKETS, Profile, plan_profiles
 
 BUILD_KEY = "build"  # the section of a preset that `rankserve serve` ignores
-CUDA_BATCH_TOKENS = 16384  # the PyTorch CUDA engine's default budget (engines/torch_engine.py)
 BUILD_KEYS = {"gpus", "compute_capability", "precision", "precisions", "sequence_buckets", "workspace_gib",
               "optimization_level"}  # fmt: skip
 
