@@ -11,12 +11,13 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
 
 from rankserve.errors import RankserveError
+from rankserve.logs import setup_logging
 from rankserve.ranker import RankRequest, Truncate
 from rankserve.settings import Settings
 
@@ -68,18 +69,12 @@ def _build_settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"rankserve: invalid settings: {problems}") from None
 
 
-def _setup_logging(level: str, log_format: Literal["auto", "json", "text"] = "auto") -> None:
-    from rankserve.logs import setup_logging
-
-    setup_logging(level, log_format)
-
-
 def serve(args: argparse.Namespace) -> int:
     from rankserve.api.app import create_app
     from rankserve.model.checkpoint import open_checkpoint
 
     settings = _build_settings(args)
-    _setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format)
     try:
         # Fail fast (before binding the port) on a missing, unreachable or wrong checkpoint.
         checkpoint = open_checkpoint(settings.model)
@@ -151,7 +146,7 @@ def score(args: argparse.Namespace) -> int:
     settings = _build_settings(args)
     # An interactive command: plain text unless a format is asked for.
     log_format = "text" if settings.log_format == "auto" else settings.log_format
-    _setup_logging("warning" if args.log_level is None else settings.log_level, log_format)
+    setup_logging("warning" if args.log_level is None else settings.log_level, log_format)
     try:
         runtime = Runtime.load(settings.model_copy(update={"warmup": False}))
     except RankserveError as e:
