@@ -75,13 +75,6 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = _build_settings(args)
     setup_logging(settings.log_level, settings.log_format)
-    try:
-        # Fail fast (before binding the port) on a missing, unreachable or wrong checkpoint.
-        checkpoint = open_checkpoint(settings.model)
-    except RankserveError as e:
-        print(f"rankserve: {e.message}", file=sys.stderr)
-        return 2
-
     server: DrainingServer | None = None
 
     def on_fatal(message: str) -> None:
@@ -90,8 +83,11 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     try:
+        # Fail fast (before binding the port) on a missing, unreachable or wrong checkpoint, or on tracing
+        # configured without the `otel` extra.
+        checkpoint = open_checkpoint(settings.model)
         app = create_app(settings, checkpoint=checkpoint, on_fatal=on_fatal)
-    except RankserveError as e:  # e.g. tracing configured without the `otel` extra
+    except RankserveError as e:
         print(f"rankserve: {e.message}", file=sys.stderr)
         return 2
     # Our logging setup formats uvicorn's lines too (log_config=None); the access line is ours (one per request,
