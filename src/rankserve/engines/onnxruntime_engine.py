@@ -93,12 +93,17 @@ def ensure_graph(ckpt: Checkpoint, *, dtype: str = "float32", cache_dir: str | P
         raise RuntimeError(f"cannot write the ONNX graph to {folder} ({e}); {hint}") from e
 
 
+def _newer(derived: Path, source: Path) -> bool:
+    """Whether `derived` exists and was written after `source` (else it is made again from it)."""
+    return derived.is_file() and derived.stat().st_mtime_ns >= source.stat().st_mtime_ns
+
+
 def ensure_int8(fp32_graph: Path) -> Path:
     """`model.int8.onnx` beside the fp32 graph: dynamic (per-batch activation scale) int8 quantization of MatMuls."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = fp32_graph.with_name(INT8_FILE)
-    if out.is_file() and out.stat().st_mtime_ns >= fp32_graph.stat().st_mtime_ns:
+    if _newer(out, fp32_graph):
         return out
     log.info("quantizing %s to int8 (MatMul weights, per channel) -> %s", fp32_graph, out)
     tmp = Path(tempfile.mkdtemp(prefix=".int8-", dir=fp32_graph.parent))
@@ -183,7 +188,7 @@ class OnnxRuntimeEngine:
         optimized = (
             graph.with_name(graph.name.removesuffix(".onnx") + OPTIMIZED_SUFFIX) if opts.save_optimized else None
         )
-        if optimized is not None and optimized.is_file() and optimized.stat().st_mtime_ns >= graph.stat().st_mtime_ns:
+        if optimized is not None and _newer(optimized, graph):
             # Saved by an earlier start on this machine: load it as is, without optimizing again.
             log.info("loading the saved optimized graph %s", optimized)
             so = session_options(opts.threads)
